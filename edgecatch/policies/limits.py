@@ -1,0 +1,62 @@
+"""Rolling-window budgets for policies and for the document as a whole.
+
+A limit of N per hour means: at no moment do the selections of the last 3600 seconds exceed N.
+That is a rolling window, so there is no double burst at a calendar boundary. The memory backend
+keeps one timestamp per selection still inside its window, so its memory is bounded by the budget.
+
+`Limiter` is the seam for other backends (a shared one for a fleet of replicas): one call per
+*matched* prediction that checks the policy's and the global budgets and charges both, atomically.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Protocol
+
+__all__ = ["Limiter", "MemoryLimiter", "Windows"]
+
+Windows = tuple[tuple[float, int], ...]
+"""(window length in seconds, budget) pairs."""
+
+
+class Limiter(Protocol):
+    def acquire(self, policy: str, policy_windows: Windows, global_windows: Windows, now: float) -> bool:
+        """Charge one selection to `policy` and to the global budget if both have room; else charge nothing."""
+        ...
+
+
+class MemoryLimiter:
+    """Exact rolling windows for one process. Thread-safe; the lock is only taken for matches."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._history: dict[tuple[str, float], deque[float]] = {}
+
+    def acquire(self, policy: str, policy_windows: Windows, global_windows: Windows, now: float) -> bool:
+        if not policy_windows and not global_windows:
+            return True
+        keys = [((policy, seconds), budget, seconds) for seconds, budget in policy_windows]
+        # "" cannot be a policy name (the schema requires one character), so it names the global budget.
+        keys += [(("", seconds), budget, seconds) for seconds, budget in global_windows]
+        with self._lock:
+            histories = []
+            for key, budget, seconds in keys:
+                history = self._history.get(key)
+                if history is None:
+                    history = self._history[key] = deque()
+                horizon = now - seconds
+                while history and history[0] <= horizon:
+                    history.popleft()
+                if len(history) >= budget:
+                    return False
+                histories.append(history)
+            for history in histories:
+                history.append(now)
+            return True
+
+    def used(self, policy: str | None, seconds: float, now: float) -> int:
+        """Selections charged within the last `seconds` (policy None: the global budget)."""
+        with self._lock:
+            history = self._history.get((policy or "", seconds), ())
+            return sum(1 for t in history if t > now - seconds)

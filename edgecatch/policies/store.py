@@ -1,0 +1,120 @@
+"""Hot reload: the policies ops edit take effect without a redeploy.
+
+A background thread looks at the file's signature (not on the request path: no disk I/O there)
+and, when it changed, validates the new document and swaps the `PolicySet` in one assignment.
+An invalid document keeps the last good policies and says so in the log; the budgets already spent
+and the every_nth counters carry over, so a reload is never a way around a limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edgecatch.policies.engine import EngineState, PolicySet
+from edgecatch.policies.load import ConfigError, load_policy_file
+
+__all__ = ["PolicyStore"]
+
+log = logging.getLogger("edgecatch.policies")
+
+ReloadListener = Callable[[str], None]
+"""Called with the outcome of every reload attempt: "success" or "failure"."""
+
+
+class PolicyStore:
+    """The current policies of one file, reloaded when the file changes."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        state: EngineState | None = None,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = 1.0,
+        on_reload: ReloadListener | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self._state = state or EngineState()
+        self._clock = clock
+        self._poll_interval = poll_interval
+        self._on_reload = on_reload
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._signature = self._stat()
+        text = self._read()
+        # No last good policies yet: an invalid file at start is an error for the caller.
+        self._digest = hashlib.sha256(text.encode()).hexdigest()
+        self.current: PolicySet = PolicySet(
+            load_policy_file(self.path), state=self._state, clock=clock, source=str(self.path))
+        self.last_error: ConfigError | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _read(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+    def check(self) -> bool:
+        """Reload if the file changed. Returns True when new policies were swapped in."""
+        signature = self._stat()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            text = self._read()
+        except OSError as exc:
+            self._failed(ConfigError.from_message(str(self.path), f"cannot read: {exc.strerror or exc}"))
+            return False
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        if digest == self._digest:
+            return False  # touched, or rewritten with the same content
+        try:
+            document = load_policy_file(self.path)
+        except ConfigError as exc:
+            self._failed(exc)
+            return False
+        self._digest = digest
+        self.current = PolicySet(document, state=self._state, clock=self._clock, source=str(self.path))
+        self.last_error = None
+        log.info("reloaded policies from %s: %s", self.path, ", ".join(self.current.policy_names))
+        if self._on_reload:
+            self._on_reload("success")
+        return True
+
+    def _failed(self, error: ConfigError) -> None:
+        self.last_error = error
+        log.error("policy reload failed; keeping the last good policies:\n%s", error)
+        if self._on_reload:
+            self._on_reload("failure")
+
+    # -- background polling -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll, name="edgecatch-policy-reload", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._poll_interval):
+            try:
+                self.check()
+            except Exception:  # the poller must outlive any surprise; the request path never sees it
+                log.exception("unexpected error while checking %s", self.path)
