@@ -58,7 +58,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `edgecatch replay ... | head`
         return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

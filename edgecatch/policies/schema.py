@@ -184,8 +184,8 @@ class PolicyDocument(_Strict):
                 # `index` in the context lets the loader point at the duplicate's own line.
                 raise PydanticCustomError(
                     "duplicate_name",
-                    "duplicate policy name {name!r} (first used by policies[{first}])",
-                    {"name": policy.name, "first": first_index[policy.name], "index": index},
+                    "duplicate policy name {name} (first used by policies[{first}])",
+                    {"name": repr(policy.name), "first": first_index[policy.name], "index": index},
                 )
             first_index[policy.name] = index
         return value

@@ -1,0 +1,130 @@
+"""Hot reload: a changed file swaps in atomically; an invalid one keeps the last good policies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+
+from edgecatch.observation import Detection, Observation
+from edgecatch.policies import ConfigError, PolicyStore
+
+T0 = 1_795_132_800.0
+
+GOOD = """version: 1
+policies:
+  - name: low
+    confidence_below: 0.5
+    limits: {per_minute: 1}
+"""
+BETTER = GOOD.replace("0.5", "0.8").replace("name: low", "name: low") + """  - name: all
+    random: 1.0
+"""
+BROKEN = GOOD.replace("confidence_below", "confidence_bellow")
+
+
+def write(path, text):
+    path.write_text(text)
+    # Same-second rewrites of the same size must still be noticed: bump mtime explicitly.
+    stamp = time.time_ns() + int(1e9) * write.count
+    write.count += 1
+    os.utime(path, ns=(stamp, stamp))
+
+
+write.count = 1
+
+
+def obs(confidence: float) -> Observation:
+    return Observation(model="m", detections=(Detection("box", confidence, (0, 0, 1, 1)),))
+
+
+@pytest.fixture
+def outcomes():
+    return []
+
+
+@pytest.fixture
+def store(tmp_path, outcomes):
+    path = tmp_path / "policies.yaml"
+    write(path, GOOD)
+    return PolicyStore(path, clock=lambda: T0, on_reload=outcomes.append)
+
+
+def test_invalid_file_at_start_is_an_error(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(BROKEN)
+    with pytest.raises(ConfigError, match="confidence_bellow"):
+        PolicyStore(path)
+
+
+def test_unchanged_file_is_not_reloaded(store, outcomes):
+    assert store.check() is False
+    os.utime(store.path)  # touched, same content
+    assert store.check() is False
+    assert outcomes == []
+
+
+def test_changed_file_swaps_in_new_policies(store, outcomes):
+    before = store.current
+    assert not before.evaluate(obs(0.6), now=T0).selected
+    write(store.path, BETTER)
+    assert store.check() is True
+    assert store.current is not before
+    assert store.current.policy_names == ("low", "all")
+    assert store.current.evaluate(obs(0.6), now=T0).policy == "low"
+    assert outcomes == ["success"]
+
+
+def test_invalid_reload_keeps_the_last_good_policies_and_logs(store, outcomes, caplog):
+    good = store.current
+    write(store.path, BROKEN)
+    with caplog.at_level(logging.ERROR, logger="edgecatch.policies"):
+        assert store.check() is False
+    assert store.current is good
+    assert outcomes == ["failure"]
+    assert "keeping the last good policies" in caplog.text
+    assert "policies[0].confidence_bellow: unknown key" in caplog.text
+    assert "confidence_bellow" in str(store.last_error)
+    # Fixing the file recovers.
+    write(store.path, BETTER)
+    assert store.check() is True and store.last_error is None
+    assert outcomes == ["failure", "success"]
+
+
+def test_deleted_file_keeps_the_last_good_policies(store, outcomes):
+    good = store.current
+    store.path.unlink()
+    assert store.check() is False
+    assert store.current is good and outcomes == ["failure"]
+
+
+def test_budgets_carry_over_a_reload(store):
+    assert store.current.evaluate(obs(0.1), now=T0).policy == "low"
+    write(store.path, BETTER)
+    store.check()
+    decision = store.current.evaluate(obs(0.1), now=T0 + 1)
+    assert decision.limited == ("low",) and decision.policy == "all"
+
+
+def test_background_poller_picks_up_a_change(store, outcomes):
+    store._poll_interval = 0.02
+    store.start()
+    try:
+        write(store.path, BETTER)
+        deadline = time.monotonic() + 10
+        while store.current.policy_names != ("low", "all") and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        store.stop()
+    assert store.current.policy_names == ("low", "all")
+    assert outcomes == ["success"]
+
+
+def test_atomic_replace_by_rename_is_noticed(store):
+    # Editors and Kubernetes ConfigMaps replace files by renaming a new one over them.
+    new = store.path.with_suffix(".tmp")
+    new.write_text(BETTER)
+    os.replace(new, store.path)
+    assert store.check() is True
