@@ -1,0 +1,93 @@
+"""The recall buffer's bounds (items, bytes, age) and its verdict rules."""
+
+from __future__ import annotations
+
+import threading
+
+from edgecatch.observation import Observation
+from edgecatch.recall import ENTRY_OVERHEAD_BYTES, RecallBuffer, image_nbytes
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def obs(n: int) -> Observation:
+    return Observation(model="m", inference_id=f"id-{n}")
+
+
+def test_bounded_in_items_oldest_leave_first():
+    buffer = RecallBuffer(max_items=3, clock=Clock())
+    evicted = []
+    for n in range(5):
+        evicted += buffer.put(f"id-{n}", obs(n), b"x")
+    assert [e.observation.inference_id for e in evicted] == ["id-0", "id-1"]
+    assert len(buffer) == 3
+
+
+def test_bounded_in_bytes_counting_images_and_overhead():
+    buffer = RecallBuffer(max_bytes=3 * (1000 + ENTRY_OVERHEAD_BYTES), clock=Clock())
+    for n in range(3):
+        assert buffer.put(f"id-{n}", obs(n), b"x" * 1000) == []
+    assert buffer.nbytes == 3 * (1000 + ENTRY_OVERHEAD_BYTES)
+    evicted = buffer.put("big", obs(9), b"x" * 2500)
+    assert [e.observation.inference_id for e in evicted] == ["id-0", "id-1"]
+    assert len(buffer) == 2 and buffer.nbytes <= buffer.max_bytes
+    too_big = buffer.put("huge", obs(10), b"x" * 10_000)
+    assert [e.observation.inference_id for e in too_big] == ["id-10"]  # never stored
+    assert len(buffer) == 2
+
+
+def test_bounded_in_age():
+    clock = Clock()
+    buffer = RecallBuffer(max_age_seconds=10, clock=clock)
+    buffer.put("a", obs(1), b"")
+    clock.now = 5
+    buffer.put("b", obs(2), b"")
+    clock.now = 10
+    assert [e.observation.inference_id for e in buffer.expire()] == ["id-1"]
+    assert buffer.give_verdict("a", "incorrect") == (None, False)
+    clock.now = 14.9
+    entry, first = buffer.give_verdict("b", "incorrect")
+    assert first and entry.observation.inference_id == "id-2"
+    clock.now = 20
+    # A put also pushes out what has aged, so a quiet service without a sweep still forgets.
+    assert [e.observation.inference_id for e in buffer.put("c", obs(3), b"")] == ["id-2"]
+
+
+def test_one_verdict_per_prediction_and_it_is_remembered():
+    buffer = RecallBuffer(clock=Clock())
+    buffer.put("a", obs(1), b"")
+    entry, first = buffer.give_verdict("a", "incorrect")
+    assert first and entry.verdict == "incorrect"
+    again, first = buffer.give_verdict("a", "correct")
+    assert again is entry and not first and entry.verdict == "incorrect"
+    assert buffer.give_verdict("nope", "correct") == (None, False)
+
+
+def test_image_cost_prefers_encoded_length():
+    from PIL import Image
+
+    assert image_nbytes(b"abc") == 3
+    assert image_nbytes(Image.new("RGB", (10, 20))) == 600
+    assert image_nbytes(None) == 0
+
+
+def test_concurrent_puts_keep_the_accounting_exact():
+    buffer = RecallBuffer(max_items=500, clock=Clock())
+
+    def worker(offset: int) -> None:
+        for n in range(2000):
+            buffer.put(f"{offset}-{n}", obs(n), b"x" * 10)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(buffer) == 500
+    assert buffer.nbytes == 500 * (10 + ENTRY_OVERHEAD_BYTES)
