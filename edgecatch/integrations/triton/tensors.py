@@ -1,0 +1,160 @@
+"""KServe v2 tensors, read (never written) from the bodies the sidecar forwards.
+
+Three wire forms carry the same tensors:
+- HTTP/REST JSON: `{"inputs"|"outputs": [{"name", "datatype", "shape", "data": [...]}]}`;
+- HTTP/REST with Triton's binary-tensor extension: the body is a JSON header of
+  `Inference-Header-Content-Length` bytes followed by the raw tensors, in order, of every tensor whose
+  `parameters.binary_data_size` is set;
+- gRPC: `ModelInferRequest.inputs` / `ModelInferResponse.outputs` with typed `contents`, or
+  `raw_input_contents` / `raw_output_contents` in tensor order.
+BYTES tensors in raw form are a sequence of 4-byte little-endian lengths, each followed by the bytes.
+
+Parsing happens after the response has been sent, from the very bytes that were forwarded; a body
+that does not parse raises `TensorError` and is only counted.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Tensor", "TensorError", "grpc_tensors", "http_tensors", "split_http_body"]
+
+_NUMPY_TYPES = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+}
+
+# Which typed `contents` field of InferTensorContents holds each datatype (gRPC).
+_GRPC_CONTENTS = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+
+
+class TensorError(ValueError):
+    """A body or message edgecatch cannot read; `reason` is the metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    #: numpy array shaped `shape`; BYTES tensors are object arrays of `bytes`.
+    array: np.ndarray
+
+
+def _bytes_elements(raw: bytes | memoryview, count: int | None) -> list[bytes]:
+    out = []
+    view = memoryview(raw)
+    offset, end = 0, len(view)
+    while offset < end:
+        if offset + 4 > end:
+            raise TensorError("tensor", "truncated BYTES element length")
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > end:
+            raise TensorError("tensor", "truncated BYTES element")
+        out.append(bytes(view[offset:offset + length]))
+        offset += length
+    if count is not None and len(out) != count:
+        raise TensorError("tensor", f"BYTES tensor has {len(out)} elements, shape says {count}")
+    return out
+
+
+def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview) -> Tensor:
+    count = int(np.prod(shape)) if shape else 1
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = _bytes_elements(raw, count)
+        return Tensor(name, datatype, shape, array.reshape(shape))
+    dtype = _NUMPY_TYPES.get(datatype)
+    if dtype is None:
+        raise TensorError("datatype", f"datatype {datatype} is not read by edgecatch")
+    expected = count * np.dtype(dtype).itemsize
+    if len(raw) != expected:
+        raise TensorError("tensor", f"tensor {name}: {len(raw)} bytes, shape {list(shape)} {datatype} needs {expected}")
+    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape))
+
+
+def _from_list(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> Tensor:
+    flat = np.asarray(data, dtype=object if datatype == "BYTES" else _NUMPY_TYPES.get(datatype, object))
+    if datatype not in _NUMPY_TYPES and datatype != "BYTES":
+        raise TensorError("datatype", f"datatype {datatype} is not read by edgecatch")
+    try:
+        array = flat.reshape(shape)
+    except ValueError:
+        raise TensorError("tensor", f"tensor {name}: {flat.size} values do not fit shape {list(shape)}") from None
+    if datatype == "BYTES":
+        array = np.vectorize(lambda v: v if isinstance(v, bytes) else str(v).encode(), otypes=[object])(array)
+    return Tensor(name, datatype, shape, array)
+
+
+def split_http_body(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header and the binary part of a KServe v2 HTTP body."""
+    view = memoryview(body)
+    if header_length is None:
+        header_length = len(body)
+    if header_length < 0 or header_length > len(body):
+        raise TensorError("header", f"Inference-Header-Content-Length {header_length} exceeds the body")
+    try:
+        header = json.loads(view[:header_length].tobytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TensorError("json", f"not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise TensorError("json", "the JSON body is not an object")
+    return header, view[header_length:]
+
+
+def http_tensors(body: bytes, header_length: int | None, key: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The header and the tensors (`key`: "inputs" or "outputs") of an HTTP infer request or response."""
+    header, binary = split_http_body(body, header_length)
+    tensors: dict[str, Tensor] = {}
+    offset = 0
+    for spec in header.get(key) or ():
+        try:
+            name, datatype = spec["name"], spec["datatype"]
+            shape = tuple(int(d) for d in spec["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise TensorError("json", f"a tensor in '{key}' lacks name, datatype or shape") from None
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            size = int(size)
+            if offset + size > len(binary):
+                raise TensorError("tensor", f"binary data of {name} runs past the body")
+            tensors[name] = _from_raw(name, datatype, shape, binary[offset:offset + size])
+            offset += size
+        elif "data" in spec:
+            tensors[name] = _from_list(name, datatype, shape, spec["data"])
+        # else: a tensor in shared memory — nothing to read here.
+    return header, tensors
+
+
+def grpc_tensors(message: Any, key: str) -> dict[str, Tensor]:
+    """Tensors of a ModelInferRequest (`key`="inputs") or ModelInferResponse (`key`="outputs")."""
+    specs = getattr(message, key)
+    raw = message.raw_input_contents if key == "inputs" else message.raw_output_contents
+    tensors: dict[str, Tensor] = {}
+    for index, spec in enumerate(specs):
+        shape = tuple(int(d) for d in spec.shape)
+        if raw:
+            if index >= len(raw):
+                raise TensorError("tensor", f"no raw contents for {spec.name}")
+            tensors[spec.name] = _from_raw(spec.name, spec.datatype, shape, raw[index])
+        elif spec.HasField("contents"):
+            field = _GRPC_CONTENTS.get(spec.datatype)
+            if field is None:
+                raise TensorError("datatype", f"datatype {spec.datatype} is not read by edgecatch")
+            tensors[spec.name] = _from_list(spec.name, spec.datatype, shape, list(getattr(spec.contents, field)))
+    return tensors
