@@ -15,6 +15,7 @@ __all__ = ["main"]
 # Each module adds its subcommands; its handlers return an exit code.
 SUBCOMMAND_MODULES = [
     "edgecatch.policy_cli",
+    "edgecatch.integrations.triton.cli",
 ]
 
 

@@ -57,7 +57,9 @@ class DetectionOutputs(_Strict):
     count: TensorName | None = Field(None, description="Optional: number of valid detections per item.")
     box_format: Literal["xyxy", "xywh", "cxcywh"] = "xyxy"
     normalized: bool = False
-    min_score: float = Field(0.0, ge=0.0, le=1.0, description="Ignore detections below (padding).")
+    min_score: float = Field(
+        0.0, ge=0.0, le=1.0, description="Ignore detections scored below this; rows with a negative class id "
+                                         "are padding and always ignored.")
 
 
 class ClassificationOutputs(_Strict):
@@ -110,7 +112,7 @@ def _images(tensor: Tensor, spec: ImageInput) -> list[Any]:
         if tensor.datatype != "BYTES":
             raise TensorError("image", f"input {spec.input} is {tensor.datatype}, expected BYTES for encoded images")
         # [n] or [batch, 1]: one encoded image per element either way.
-        return [bytes(v) for v in array.reshape(-1)]
+        return [_image_bytes(v) for v in array.reshape(-1)]
     if array.ndim == 3:
         items = [array]
     elif array.ndim == 4:
@@ -129,6 +131,24 @@ def _images(tensor: Tensor, spec: ImageInput) -> list[Any]:
             item = np.repeat(item, 3, axis=2)
         out.append(np.ascontiguousarray(item))
     return out
+
+
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+
+
+def _image_bytes(value: Any) -> bytes:
+    """Encoded image bytes; a pure-JSON request carries them as base64 text, which is decoded here."""
+    data = bytes(value) if not isinstance(value, bytes) else value
+    if data.startswith(_MAGIC):
+        return data
+    import base64
+    import binascii
+
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return data  # not base64 either: _encoded_size reports it
+    return decoded if decoded.startswith(_MAGIC) else data
 
 
 def _encoded_size(data: bytes) -> tuple[int, int]:
@@ -203,9 +223,9 @@ def read_items(
             detections = []
             for k in range(n):
                 score = float(item_scores[k])
-                if score < spec.min_score:
-                    continue
                 class_id = int(item_classes[k])
+                if score < spec.min_score or class_id < 0:  # padding rows of a batched output
+                    continue
                 name = names[class_id] if 0 <= class_id < len(names) else str(class_id)
                 x1, y1, x2, y2 = (float(v) for v in xyxy[k])
                 detections.append(Detection(name, min(max(score, 0.0), 1.0), (x1, y1, x2, y2), class_id))

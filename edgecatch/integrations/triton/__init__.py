@@ -1,0 +1,1 @@
+"""The Triton sidecar: HTTP/REST and gRPC proxies that observe KServe v2 inference calls."""

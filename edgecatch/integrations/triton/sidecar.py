@@ -1,0 +1,340 @@
+"""`edgecatch sidecar`: the HTTP and gRPC proxies, the admin port, and what they observe.
+
+```yaml
+# sidecar/edgecatch.yaml: the edgecatch config file plus a `sidecar:` section
+policies: ../policies/default.yaml
+delivery: {...}
+sidecar:
+  triton: {http: "127.0.0.1:8000", grpc: "127.0.0.1:8001"}
+  listen: {http: "0.0.0.0:8010", grpc: "0.0.0.0:8011", admin: "127.0.0.1:8012"}
+  models:
+    people_detector: {...}            # see edgecatch.integrations.triton.reading
+```
+The admin port serves `/metrics`, `/edgecatch/healthz` and `/edgecatch/feedback` (the HTTP port
+serves the last two as well, so clients that can only reach it can still send verdicts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import signal
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgecatch.config import EdgecatchConfig
+from edgecatch.integrations.triton.grpc_proxy import GrpcExchange, GrpcProxy
+from edgecatch.integrations.triton.http_proxy import Exchange, HttpProxy, LocalResponse
+from edgecatch.integrations.triton.reading import ModelReading, ReadItem, read_items
+from edgecatch.integrations.triton.tensors import TensorError, grpc_tensors, http_tensors
+from edgecatch.observation import Observation
+from edgecatch.policies.load import ConfigError, load_model
+
+__all__ = ["Sidecar", "SidecarConfig", "load_sidecar_config"]
+
+log = logging.getLogger("edgecatch.sidecar")
+
+
+def _address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return value
+
+
+def split_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TritonAddresses(_Strict):
+    http: str = "127.0.0.1:8000"
+    grpc: str = "127.0.0.1:8001"
+
+    _check = field_validator("http", "grpc")(_address)
+
+
+class ListenAddresses(_Strict):
+    http: str = "0.0.0.0:8010"
+    grpc: str = "0.0.0.0:8011"
+    admin: str = Field("127.0.0.1:8012", description="/metrics, /edgecatch/healthz, /edgecatch/feedback")
+
+    _check = field_validator("http", "grpc", "admin")(_address)
+
+
+class SidecarSettings(_Strict):
+    triton: TritonAddresses = Field(default_factory=TritonAddresses)
+    listen: ListenAddresses = Field(default_factory=ListenAddresses)
+    models: dict[str, ModelReading] = Field(default_factory=dict)
+    max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    upstream_timeout_seconds: float = Field(600.0, gt=0)
+
+
+class SidecarConfig(EdgecatchConfig):
+    sidecar: SidecarSettings = Field(default_factory=SidecarSettings)
+
+
+def load_sidecar_config(path: str | Path) -> tuple[SidecarConfig, Path]:
+    path = Path(path)
+    config = load_model(SidecarConfig, path)
+    base = path.resolve().parent
+    return config.resolve_paths(base), base  # type: ignore[return-value]
+
+
+class Sidecar:
+    """Runs the proxies and turns observed exchanges into observations for the collector."""
+
+    def __init__(self, config: SidecarConfig, collector: Any, base: Path) -> None:
+        self.config = config
+        self.settings = config.sidecar
+        self.collector = collector
+        self._names: dict[str, list[str]] = {}
+        for name, reading in self.settings.models.items():
+            try:
+                self._names[name] = reading.names(base)
+            except OSError as exc:
+                raise ConfigError.from_message(
+                    f"sidecar.models.{name}.class_names_file", f"cannot read: {exc.strerror or exc}") from None
+        upstream_host, upstream_port = split_address(self.settings.triton.http)
+        self.http = HttpProxy(
+            upstream_host, upstream_port,
+            observed_models=self._observed,
+            new_inference_id=collector.new_inference_id,
+            on_exchange=self.observe_http,
+            local_handler=self._local,
+            max_request_bytes=self.settings.max_request_bytes,
+            upstream_timeout=self.settings.upstream_timeout_seconds,
+        )
+        self.grpc = GrpcProxy(
+            self.settings.triton.grpc,
+            observed_models=self._observed,
+            new_inference_id=collector.new_inference_id,
+            on_exchange=self.observe_grpc,
+            on_unparsed=collector.count_unparsed,
+        )
+        self._admin_runner = None
+        self.ports: dict[str, int] = {}
+
+    def _observed(self, model: str) -> bool:
+        if model in self.settings.models:
+            return True
+        self.collector.count_unparsed("unconfigured_model")
+        return False
+
+    # -- observation ---------------------------------------------------------------------------
+
+    def observe_http(self, exchange: Exchange) -> None:
+        if exchange.status != 200:
+            return  # Triton refused the request: there is no prediction to observe
+        try:
+            request_body = _decoded(exchange.request_body, _header(exchange.request_headers, b"content-encoding"))
+            response_body = _decoded(exchange.response_body, _header(exchange.response_headers, b"content-encoding"))
+            _, inputs = http_tensors(
+                request_body, _int_header(exchange.request_headers, b"inference-header-content-length"), "inputs")
+            header, outputs = http_tensors(
+                response_body, _int_header(exchange.response_headers, b"inference-header-content-length"), "outputs")
+        except TensorError as exc:
+            self.collector.count_unparsed(f"http_{exc.reason}", detail=str(exc))
+            return
+        version = exchange.version or str(header.get("model_version") or "")
+        self._observe_items(exchange.model, version, exchange.inference_id, inputs, outputs)
+
+    def observe_grpc(self, exchange: GrpcExchange) -> None:
+        from tritonclient.grpc import service_pb2
+
+        request = exchange.request
+        try:
+            response = service_pb2.ModelInferResponse.FromString(exchange.response)
+            inputs = grpc_tensors(request, "inputs")
+            outputs = grpc_tensors(response, "outputs")
+        except TensorError as exc:
+            self.collector.count_unparsed(f"grpc_{exc.reason}", detail=str(exc))
+            return
+        except Exception:
+            self.collector.count_unparsed("grpc_response")
+            return
+        version = request.model_version or response.model_version
+        self._observe_items(request.model_name, version, exchange.inference_id, inputs, outputs)
+
+    def _observe_items(self, model: str, version: str, inference_id: str, inputs, outputs) -> None:
+        reading = self.settings.models[model]
+        try:
+            items: list[ReadItem] = read_items(reading, self._names[model], inputs, outputs)
+        except TensorError as exc:
+            self.collector.count_unparsed(exc.reason, detail=str(exc))
+            return
+        name = reading.model or model
+        now = time.time()
+        for index, item in enumerate(items):
+            item_id = inference_id if len(items) == 1 else f"{inference_id}.{index}"
+            observation = Observation(
+                model=name, model_version=version, image_width=item.width, image_height=item.height,
+                detections=item.detections, classification=item.classification,
+                inference_id=item_id, timestamp=now)
+            self.collector.observe(observation, item.image)
+
+    # -- edgecatch's own routes ------------------------------------------------------------------
+
+    async def _local(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> LocalResponse:
+        path = url.split(b"?", 1)[0]
+        if path == b"/edgecatch/healthz" and method in (b"GET", b"HEAD"):
+            status, report = await self.health()
+            return LocalResponse(status, json.dumps(report).encode())
+        if path == b"/edgecatch/feedback" and method == b"POST":
+            from edgecatch.feedback import handle_feedback
+
+            content_type = (_header(headers, b"content-type") or b"").decode("latin-1")
+            form = None
+            if content_type.startswith("multipart/form-data"):
+                form = _parse_multipart(body, content_type)
+                if form is None:
+                    return LocalResponse(400, b'{"error":"malformed multipart body"}')
+            authorization = (_header(headers, b"authorization") or b"").decode("latin-1") or None
+            answer = await self.collector.run_in_background(
+                handle_feedback, self.collector, body=body, content_type=content_type,
+                authorization=authorization, form=form)
+            extra = tuple((k.encode(), v.encode()) for k, v in (answer.headers or {}).items())
+            return LocalResponse(answer.status, answer.json_bytes(), headers=extra)
+        return LocalResponse(404, b'{"error":"no such edgecatch route"}')
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        host, port = split_address(self.settings.triton.http)
+        upstream = "unreachable"
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+            writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: triton\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(-1), 2.0)
+            writer.close()
+            upstream = "ready" if answer.startswith(b"HTTP/1.1 200") else "not_ready"
+        except (OSError, asyncio.TimeoutError):
+            pass
+        report = {"upstream": upstream, **self.collector.health()}
+        return (200 if upstream == "ready" else 503), report
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> dict[str, int]:
+        from aiohttp import web
+
+        self.collector.start()
+        host, port = split_address(self.settings.listen.http)
+        self.ports["http"] = await self.http.start(host, port)
+        self.ports["grpc"] = await self.grpc.start(self.settings.listen.grpc)
+        app = web.Application(client_max_size=self.settings.max_request_bytes)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_route("*", "/edgecatch/{tail:.*}", self._admin_local)
+        self._admin_runner = web.AppRunner(app, access_log=None)
+        await self._admin_runner.setup()
+        host, port = split_address(self.settings.listen.admin)
+        site = web.TCPSite(self._admin_runner, host, port)
+        await site.start()
+        self.ports["admin"] = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        log.info("edgecatch sidecar: http %s grpc %s admin %s -> triton http %s grpc %s",
+                 self.ports["http"], self.ports["grpc"], self.ports["admin"],
+                 self.settings.triton.http, self.settings.triton.grpc)
+        return self.ports
+
+    async def _metrics(self, request):
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _admin_local(self, request):
+        from aiohttp import web
+
+        body = await request.read()
+        headers = list(request.raw_headers)  # (bytes, bytes) pairs as received
+        answer = await self._local(request.method.encode(), request.raw_path.encode(), headers, body)
+        response = web.Response(status=answer.status, body=answer.body,
+                                content_type=answer.content_type.decode())
+        for name, value in answer.headers:
+            response.headers[name.decode()] = value.decode()
+        return response
+
+    async def stop(self) -> None:
+        await self.http.close()
+        await self.grpc.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        await self.collector.run_in_background(self.collector.stop)
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _int_header(headers: list[tuple[bytes, bytes]], name: bytes) -> int | None:
+    value = _header(headers, name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise TensorError("header", f"{name.decode()} is not a number") from None
+
+
+def _decoded(body: bytes, encoding: bytes | None) -> bytes:
+    if not encoding or encoding.lower() == b"identity":
+        return body
+    try:
+        if encoding.lower() == b"gzip":
+            return gzip.decompress(body)
+        if encoding.lower() == b"deflate":
+            return zlib.decompress(body)
+    except (OSError, zlib.error, EOFError):
+        raise TensorError("encoding", f"body does not decode as {encoding.decode()}") from None
+    raise TensorError("encoding", f"content encoding {encoding.decode()} is not read by edgecatch")
+
+
+def _parse_multipart(body: bytes, content_type: str) -> dict[str, Any] | None:
+    """Fields of a multipart/form-data body (files as bytes), with the standard library's parser."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    try:
+        message = BytesParser(policy=HTTP).parsebytes(
+            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    except Exception:
+        return None
+    if not message.is_multipart():
+        return None
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        payload = part.get_payload(decode=True) or b""
+        fields[name] = payload if part.get_filename() else payload.decode("utf-8", "replace")
+    return fields
+
+
+async def serve(config_path: str | Path) -> None:
+    """Run the sidecar until SIGINT/SIGTERM, then drain and stop."""
+    from edgecatch.collector import Collector
+
+    config, base = load_sidecar_config(config_path)
+    collector = Collector.from_config(config)
+    sidecar = Sidecar(config, collector, base)
+    await sidecar.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("edgecatch sidecar: stopping")
+    await sidecar.stop()

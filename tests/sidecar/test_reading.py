@@ -1,0 +1,175 @@
+"""Reading KServe v2 bodies (built by the official tritonclient) into observations' normal form."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from PIL import Image
+from tritonclient.grpc import service_pb2
+
+from edgecatch.integrations.triton.reading import ModelReading, read_items
+from edgecatch.integrations.triton.tensors import TensorError, grpc_tensors, http_tensors
+
+
+def jpeg(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 30, 200)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+READING = ModelReading.model_validate({
+    "image": {"input": "IMAGE"},
+    "detections": {"boxes": "BOXES", "scores": "SCORES", "classes": "CLASSES"},
+    "class_names": ["person", "face"],
+})
+
+
+def request_body(images: list[bytes], binary: bool = True) -> tuple[bytes, int | None]:
+    tensor = httpclient.InferInput("IMAGE", [len(images), 1], "BYTES")
+    data = np.array([[i] for i in images], dtype=object)
+    if not binary:
+        data = np.array([[base64.b64encode(i)] for i in images], dtype=object)
+    tensor.set_data_from_numpy(data, binary_data=binary)
+    body, length = httpclient.InferenceServerClient.generate_request_body([tensor])
+    return body, length
+
+
+def response_body(outputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, int | None]:
+    """A response as Triton writes it: JSON, or JSON header + binary tensors."""
+    header = {"model_name": "m", "model_version": "1", "outputs": []}
+    blobs = []
+    types = {np.float32: "FP32", np.int32: "INT32"}
+    for name, array in outputs.items():
+        spec = {"name": name, "datatype": types[array.dtype.type], "shape": list(array.shape)}
+        if binary:
+            raw = array.tobytes()
+            spec["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            spec["data"] = array.reshape(-1).tolist()
+        header["outputs"].append(spec)
+    text = json.dumps(header).encode()
+    return (text + b"".join(blobs), len(text)) if binary else (text, None)
+
+
+OUTPUTS = {
+    "BOXES": np.array([[[10, 20, 110, 220], [0, 0, 0, 0]], [[5, 5, 50, 50], [1, 2, 3, 4]]], dtype=np.float32),
+    "SCORES": np.array([[0.9, 0.0], [0.4, 0.3]], dtype=np.float32),
+    "CLASSES": np.array([[0, -1], [1, 0]], dtype=np.int32),
+}
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_http_batched_detection_one_item_per_image(binary):
+    images = [jpeg(640, 480), jpeg(320, 240)]
+    body, length = request_body(images, binary=binary)
+    _, inputs = http_tensors(body, length, "inputs")
+    answer, answer_length = response_body(OUTPUTS, binary=binary)
+    _, outputs = http_tensors(answer, answer_length, "outputs")
+    items = read_items(READING, ["person", "face"], inputs, outputs)
+    assert [(i.width, i.height) for i in items] == [(640, 480), (320, 240)]
+    assert items[0].image == images[0]  # the encoded bytes, even when sent as base64 text
+    first, second = items
+    assert [(d.class_name, round(d.confidence, 2), d.box) for d in first.detections] == [
+        ("person", 0.9, (10.0, 20.0, 110.0, 220.0))]  # the padding row is gone
+    assert [d.class_name for d in second.detections] == ["face", "person"]
+
+
+def test_box_formats_and_normalised_coordinates():
+    reading = ModelReading.model_validate({
+        "image": {"input": "IMAGE"},
+        "detections": {"boxes": "B", "scores": "S", "box_format": "cxcywh", "normalized": True},
+    })
+    body, length = request_body([jpeg(200, 100)])
+    _, inputs = http_tensors(body, length, "inputs")
+    outputs = {
+        "B": np.array([[[0.5, 0.5, 0.2, 0.4]]], dtype=np.float32),
+        "S": np.array([[0.8]], dtype=np.float32),
+    }
+    answer, answer_length = response_body(outputs, binary=True)
+    _, out = http_tensors(answer, answer_length, "outputs")
+    (item,) = read_items(reading, [], inputs, out)
+    (detection,) = item.detections
+    assert detection.box == pytest.approx((80.0, 30.0, 120.0, 70.0))
+    assert detection.class_name == "0"  # no class names: the id
+
+
+def test_grpc_raw_contents():
+    images = [jpeg(64, 48)]
+    request = service_pb2.ModelInferRequest(model_name="people_detector")
+    tensor = request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1])
+    del tensor
+    request.raw_input_contents.append(len(images[0]).to_bytes(4, "little") + images[0])
+    response = service_pb2.ModelInferResponse(model_name="people_detector", model_version="1")
+    for name, array in {k: v[:1] for k, v in OUTPUTS.items()}.items():
+        response.outputs.add(name=name, datatype="FP32" if array.dtype == np.float32 else "INT32",
+                             shape=list(array.shape))
+        response.raw_output_contents.append(array.tobytes())
+    items = read_items(READING, ["person", "face"], grpc_tensors(request, "inputs"), grpc_tensors(response, "outputs"))
+    assert len(items) == 1 and items[0].width == 64 and len(items[0].detections) == 1
+
+
+def test_grpc_typed_contents():
+    request = service_pb2.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(jpeg(10, 10))
+    response = service_pb2.ModelInferResponse(model_name="m")
+    boxes = response.outputs.add(name="BOXES", datatype="FP32", shape=[1, 4])
+    boxes.contents.fp32_contents.extend([1, 2, 3, 4])
+    scores = response.outputs.add(name="SCORES", datatype="FP32", shape=[1])
+    scores.contents.fp32_contents.append(0.5)
+    classes = response.outputs.add(name="CLASSES", datatype="INT32", shape=[1])
+    classes.contents.int_contents.append(1)
+    (item,) = read_items(READING, ["person", "face"], grpc_tensors(request, "inputs"),
+                         grpc_tensors(response, "outputs"))
+    assert [(d.class_name, d.box) for d in item.detections] == [("face", (1.0, 2.0, 3.0, 4.0))]
+
+
+def test_raw_pixel_images_chw_float_bgr():
+    reading = ModelReading.model_validate({
+        "image": {"input": "PIXELS", "format": "raw", "layout": "CHW", "color": "BGR", "scale": 255},
+        "classification": {"probabilities": "PROBS"},
+        "class_names": ["cat", "dog"],
+    })
+    pixels = np.zeros((1, 3, 4, 5), dtype=np.float32)
+    pixels[0, 2] = 1.0  # BGR: the third channel is red
+    request = service_pb2.ModelInferRequest(model_name="m")
+    request.inputs.add(name="PIXELS", datatype="FP32", shape=[1, 3, 4, 5])
+    request.raw_input_contents.append(pixels.tobytes())
+    response = service_pb2.ModelInferResponse(model_name="m")
+    response.outputs.add(name="PROBS", datatype="FP32", shape=[1, 2])
+    response.raw_output_contents.append(np.array([[0.3, 0.7]], dtype=np.float32).tobytes())
+    (item,) = read_items(reading, ["cat", "dog"], grpc_tensors(request, "inputs"), grpc_tensors(response, "outputs"))
+    assert (item.width, item.height) == (5, 4)
+    assert item.image.shape == (4, 5, 3) and tuple(item.image[0, 0]) == (255, 0, 0)
+    assert item.classification.top_class == "dog"
+
+
+@pytest.mark.parametrize(("body", "length", "reason"), [
+    (b"not json", None, "json"),
+    (b'{"inputs": [{"name": "IMAGE"}]}', None, "json"),
+    (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [4], "parameters": {"binary_data_size": 16}}]}',
+     None, "tensor"),
+    (b'{}', 999, "header"),
+    (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}', None, "tensor"),
+])
+def test_unreadable_bodies_raise_with_a_reason(body, length, reason):
+    with pytest.raises(TensorError) as caught:
+        http_tensors(body, length, "inputs")
+    assert caught.value.reason == reason
+
+
+def test_missing_tensors_and_bad_images():
+    body, length = request_body([b"definitely not an image"])
+    _, inputs = http_tensors(body, length, "inputs")
+    with pytest.raises(TensorError, match="not an image"):
+        read_items(READING, [], inputs, {})
+    body, length = request_body([jpeg(10, 10)])
+    _, inputs = http_tensors(body, length, "inputs")
+    with pytest.raises(TensorError, match="BOXES is not in the response"):
+        read_items(READING, [], inputs, {})
