@@ -1,0 +1,408 @@
+"""The collector: what every integration calls, and the only thing it calls.
+
+`observe()` runs on the request path: evaluate the policies, update the metrics, remember the
+prediction for feedback, and — only when selected — hand the sample to delivery (a non-blocking
+put). Everything slow (preparing images, the spool, uploads) happens in delivery's background.
+`feedback()` turns a user's verdict into a feedback event; predictions that leave the recall buffer
+without one come back as `silent` events.
+
+One collector per process; several processes (BentoML workers) share the spool, and a verdict that
+reaches a worker other than the one that served the prediction is forwarded to it over a Unix
+socket in the spool's `run/` folder (the inference id names the worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from edgecatch.metrics import Metrics, get_metrics
+from edgecatch.observation import Classification, Detection, Observation, Verdict
+from edgecatch.policies import Decision, PolicyStore
+from edgecatch.recall import RecallBuffer, Recalled
+
+if TYPE_CHECKING:
+    from edgecatch.config import EdgecatchConfig
+    from edgecatch.feedback import PredictionPayload
+
+__all__ = ["Collector", "FeedbackOutcome", "configure", "get_collector"]
+
+log = logging.getLogger("edgecatch")
+T = TypeVar("T")
+
+_SWEEP_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackOutcome:
+    #: "accepted", "unknown" (not recallable), "duplicate" (already answered), "forwarded_error"
+    status: str
+    decision: Decision | None = None
+
+
+class Collector:
+    """Policies, metrics, recall and the hand-off to delivery, for one process."""
+
+    def __init__(
+        self,
+        config: EdgecatchConfig,
+        *,
+        metrics: Metrics | None = None,
+        delivery: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._metrics = metrics
+        self._clock = clock
+        self.policies = PolicyStore(
+            config.policies, poll_interval=config.policy_reload_seconds, clock=clock,
+            on_reload=lambda outcome: self.metrics.policy_reloads.labels(outcome).inc())
+        self.recall = RecallBuffer(
+            max_items=config.recall.max_items, max_bytes=config.recall.max_bytes,
+            max_age_seconds=config.recall.max_age_seconds)
+        if delivery is None:
+            from edgecatch.delivery import Delivery
+
+            delivery = Delivery(config.delivery, metrics=self.metrics)
+        self.delivery = delivery
+        self.feedback_token = config.feedback.resolved_token()
+        self.max_feedback_image_bytes = config.feedback.max_image_bytes
+        self._max_classes = config.metrics.max_class_labels
+        self._classes: dict[str, set[str]] = {}
+        self._children: dict[tuple[str, str], Any] = {}
+        self._pid = os.getpid()
+        self._worker_tag = _base36(self._pid)
+        self._state = "created"
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._peer_server: asyncio.AbstractServer | None = None
+        self._unparsed_logged: set[str] = set()
+
+    @classmethod
+    def from_config(cls, config: EdgecatchConfig, **kwargs: Any) -> Collector:
+        return cls(config, **kwargs)
+
+    @property
+    def metrics(self) -> Metrics:
+        if self._metrics is None:  # lazily: BentoML sets up multiprocess metrics after import
+            self._metrics = get_metrics()
+        return self._metrics
+
+    # -- the request path ----------------------------------------------------------------------
+
+    def new_inference_id(self) -> str:
+        """A fresh id: the serving worker's tag, then 16 random hex digits."""
+        return f"{self._worker_tag}-{secrets.token_hex(8)}"
+
+    def observe(self, observation: Observation, image: Any) -> Decision:
+        """Evaluate, count, remember and maybe hand off one prediction. Never blocks, never raises."""
+        policies = self.policies.current
+        decision = policies.evaluate(observation, now=observation.timestamp or None)
+        self._count_prediction(observation, decision)
+        if decision.selected:
+            self.submit(observation, image, decision)
+        if observation.inference_id:
+            for evicted in self.recall.put(observation.inference_id, observation, image):
+                self._silent(evicted)
+        return decision
+
+    def submit(self, observation: Observation, image: Any, decision: Decision) -> bool:
+        """Hand a selected sample to delivery: a bounded non-blocking put (full: dropped and counted)."""
+        return self.delivery.submit(observation, image, decision, self.policies.current.image)
+
+    def count_unparsed(self, reason: str, detail: str | None = None) -> None:
+        self.metrics.unparsed.labels(reason).inc()
+        if detail and reason not in self._unparsed_logged:
+            self._unparsed_logged.add(reason)  # once per reason: a bad client must not flood the log
+            log.warning("edgecatch could not read a prediction (%s): %s", reason, detail)
+
+    def _class_label(self, model: str, name: str) -> str:
+        seen = self._classes.get(model)
+        if seen is None:
+            seen = self._classes[model] = set()
+        if name in seen:
+            return name
+        if len(seen) < self._max_classes:
+            seen.add(name)
+            return name
+        return "other"
+
+    def _confidence_child(self, model: str, name: str) -> Any:
+        key = (model, name)
+        child = self._children.get(key)
+        if child is None:
+            child = self.metrics.confidence.labels(model, self._class_label(model, name))
+            if len(self._children) < 100_000:
+                self._children[key] = child
+        return child
+
+    def _count_prediction(self, observation: Observation, decision: Decision) -> None:
+        metrics = self.metrics
+        model = observation.model
+        if observation.feedback is not None:
+            metrics.feedback.labels(observation.feedback.value).inc()
+        else:
+            metrics.predictions.labels(model).inc()
+            if observation.classification is not None:
+                top = observation.classification.top_class
+                if top is not None:
+                    self._confidence_child(model, top).observe(observation.classification.top_confidence)
+            else:
+                metrics.detections.labels(model).observe(len(observation.detections))
+                for detection in observation.detections:
+                    self._confidence_child(model, detection.class_name).observe(detection.confidence)
+        if decision.selected:
+            metrics.samples.labels(model, decision.policy).inc()
+        for name in decision.limited:
+            metrics.limited.labels(name).inc()
+
+    # -- feedback ------------------------------------------------------------------------------
+
+    def feedback(
+        self,
+        inference_id: str,
+        verdict: Verdict,
+        *,
+        note: str = "",
+        corrected: tuple[Detection, ...] | Classification | None = None,
+        prediction: PredictionPayload | None = None,
+        image: bytes | None = None,
+    ) -> FeedbackOutcome:
+        """A user's verdict on an earlier prediction (thread-safe; may forward to another worker)."""
+        entry, first = self.recall.give_verdict(inference_id, verdict.value)
+        if entry is None:
+            owner = _owner_pid(inference_id)
+            if owner is not None and owner != self._pid and prediction is None:
+                return self._forward_feedback(owner, inference_id, verdict, note, corrected)
+            if prediction is None or image is None:
+                return FeedbackOutcome("unknown")
+            base = Observation(
+                model=prediction.model, model_version=prediction.model_version,
+                detections=tuple(d.to_detection() for d in prediction.detections or ()),
+                classification=(Classification.from_scores(prediction.classification)
+                                if prediction.classification is not None else None),
+                inference_id=inference_id)
+            return FeedbackOutcome("accepted", self._feedback_event(base, image, verdict, note, corrected))
+        if not first:
+            return FeedbackOutcome("duplicate")
+        return FeedbackOutcome("accepted", self._feedback_event(entry.observation, entry.image, verdict, note, corrected))
+
+    def _feedback_event(self, base: Observation, image: Any, verdict: Verdict, note: str,
+                        corrected: tuple[Detection, ...] | Classification | None) -> Decision:
+        event = replace(base, feedback=verdict, feedback_note=note, corrected=corrected, timestamp=self._clock())
+        decision = self.policies.current.evaluate(event, now=event.timestamp)
+        self._count_prediction(event, decision)
+        if decision.selected:
+            self.submit(event, image, decision)
+        return decision
+
+    def _silent(self, entry: Recalled) -> None:
+        if entry.verdict is None:
+            self._feedback_event(entry.observation, entry.image, Verdict.SILENT, "", None)
+
+    # -- several workers: verdicts find the worker that remembers the prediction ---------------
+
+    def _peer_socket(self, pid: int) -> Path:
+        return self.config.delivery.spool_dir / "run" / f"feedback-{pid}.sock"
+
+    def _forward_feedback(self, pid: int, inference_id: str, verdict: Verdict, note: str,
+                          corrected: Any) -> FeedbackOutcome:
+        path = self._peer_socket(pid)
+        if not path.exists():
+            return FeedbackOutcome("unknown")  # that worker is gone, and its memory with it
+        message = {"inference_id": inference_id, "verdict": verdict.value, "note": note,
+                   "corrected": _corrected_json(corrected)}
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5.0)
+                sock.connect(str(path))
+                sock.sendall(json.dumps(message).encode() + b"\n")
+                answer = b""
+                while not answer.endswith(b"\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+            reply = json.loads(answer)
+        except (OSError, ValueError):
+            log.warning("could not forward a verdict to worker %s", pid)
+            return FeedbackOutcome("forwarded_error")
+        decision = Decision(selected=reply.get("selected", False), policy=reply.get("policy"))
+        return FeedbackOutcome(reply["status"], decision)
+
+    async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            message = json.loads(await asyncio.wait_for(reader.readline(), 5.0))
+            outcome = await asyncio.get_running_loop().run_in_executor(None, lambda: self.feedback(
+                message["inference_id"], Verdict(message["verdict"]), note=message.get("note", ""),
+                corrected=_corrected_from_json(message.get("corrected"))))
+            if outcome.status == "forwarded_error":  # never forward twice
+                outcome = FeedbackOutcome("unknown")
+            reply = {"status": outcome.status, "selected": bool(outcome.decision and outcome.decision.selected),
+                     "policy": outcome.decision.policy if outcome.decision else None}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except Exception:
+            log.exception("bad verdict forwarded by a peer worker")
+        finally:
+            writer.close()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start delivery, policy reloads and the recall sweep (idempotent; call in the serving process)."""
+        with self._lock:
+            if self._state == "running":
+                return
+            self._pid = os.getpid()
+            self._worker_tag = _base36(self._pid)
+            self.delivery.start()
+            self.policies.start()
+            ready = threading.Event()
+            self._thread = threading.Thread(target=self._run_loop, args=(ready,), name="edgecatch-collector",
+                                            daemon=True)
+            self._thread.start()
+            ready.wait(10)
+            self._state = "running"
+
+    def _run_loop(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            path = self._peer_socket(self._pid)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                path.unlink(missing_ok=True)
+                self._peer_server = await asyncio.start_unix_server(self._serve_peer, path=str(path))
+                os.chmod(path, 0o600)
+            except OSError as exc:
+                log.warning("verdicts for this worker cannot be forwarded from others: %s", exc)
+            ready.set()
+            while True:
+                await asyncio.sleep(_SWEEP_SECONDS)
+                for entry in self.recall.expire():
+                    try:
+                        self._silent(entry)
+                    except Exception:
+                        log.exception("silent event failed")
+
+        task = loop.create_task(main())
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            ready.set()
+            loop.close()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop reloads and the sweep; delivery drains what it can and leaves the rest spooled."""
+        with self._lock:
+            if self._state != "running":
+                return
+            self._state = "stopping"
+            self.policies.stop()
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                def cancel_all() -> None:
+                    if self._peer_server is not None:
+                        self._peer_server.close()
+                    for task in asyncio.all_tasks(loop):
+                        task.cancel()
+
+                loop.call_soon_threadsafe(cancel_all)
+            if self._thread is not None:
+                self._thread.join(5)
+            self._peer_socket(self._pid).unlink(missing_ok=True)
+            self.delivery.stop(timeout)
+            self._state = "stopped"
+
+    async def run_in_background(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking work (a verdict that may be forwarded, a drain) off an event loop."""
+        return await asyncio.to_thread(func, *args, **kwargs)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "state": self._state,
+            "policies": str(self.policies.path),
+            "policy_error": str(self.policies.last_error) if self.policies.last_error else None,
+            "recall_items": len(self.recall),
+            **self.delivery.health(),
+        }
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        number, rest = divmod(number, 36)
+        out = digits[rest] + out
+        if number == 0:
+            return out
+
+
+def _owner_pid(inference_id: str) -> int | None:
+    tag = inference_id.split("-", 1)[0]
+    try:
+        return int(tag, 36)
+    except ValueError:
+        return None
+
+
+def _corrected_json(corrected: Any) -> Any:
+    if isinstance(corrected, Classification):
+        return {"classification": corrected.as_dict()}
+    if corrected:
+        return {"detections": [{"class": d.class_name, "class_id": d.class_id, "confidence": d.confidence,
+                                "box": list(d.box)} for d in corrected]}
+    return None
+
+
+def _corrected_from_json(data: Any) -> Any:
+    if not data:
+        return None
+    if "classification" in data:
+        return Classification.from_scores(data["classification"])
+    from edgecatch.records import DetectionRecord
+
+    return tuple(DetectionRecord.model_validate(d).to_detection() for d in data.get("detections", ()))
+
+
+# -- the process-wide collector of the serving integrations ------------------------------------
+
+_collector_lock = threading.Lock()
+_collector: Collector | None = None
+_configured = False
+
+
+def configure(config: EdgecatchConfig | str | os.PathLike[str] | None = None) -> Collector | None:
+    """Create the process's collector from a config (or path, or $EDGECATCH_CONFIG). None if disabled."""
+    global _collector, _configured
+    from edgecatch.config import EdgecatchConfig, load_config
+
+    with _collector_lock:
+        if not isinstance(config, EdgecatchConfig):
+            config = load_config(config)
+        _collector = Collector(config) if config.enabled else None
+        _configured = True
+        return _collector
+
+
+def get_collector() -> Collector | None:
+    """The process's collector, configured from $EDGECATCH_CONFIG on first use; None when disabled."""
+    if _configured:
+        return _collector
+    return configure()

@@ -1,0 +1,147 @@
+"""`POST /edgecatch/feedback`: a user's verdict on an earlier prediction.
+
+Framework-agnostic: `handle_feedback()` takes the request's body, content type and Authorization
+header and returns a status and a JSON-able answer, so the BentoML plugin (Starlette) and the Triton
+sidecar (aiohttp) serve exactly the same route with a few lines each.
+
+Body (JSON):
+    {"inference_id": "…", "verdict": "incorrect" | "correct", "note": "optional text",
+     "corrected": {"detections": [...]} | {"classification": {...}}}       # optional
+When the id is unknown or expired (404), the client may send the prediction and the image itself as
+`multipart/form-data`: a `feedback` field with the JSON above plus `prediction` (a record in the
+`edgecatch replay` format, without timestamp) and an `image` file.
+
+Answers: 202 accepted (with whether the verdict selected a sample), 400 bad request, 401 missing or
+wrong token, 404 unknown id, 409 a verdict was already given for this id, 413 image too large.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgecatch.observation import Verdict
+from edgecatch.policies.load import format_path
+from edgecatch.records import DetectionRecord
+
+if TYPE_CHECKING:
+    from edgecatch.collector import Collector
+
+__all__ = ["FeedbackAnswer", "FeedbackRequest", "handle_feedback"]
+
+
+class CorrectedLabels(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    detections: list[DetectionRecord] | None = None
+    classification: dict[str, float] | None = None
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inference_id: str = Field(min_length=1, max_length=200)
+    verdict: Literal["incorrect", "correct"]
+    note: str = Field("", max_length=2000)
+    corrected: CorrectedLabels | None = None
+
+
+class PredictionPayload(BaseModel):
+    """The prediction sent along with a verdict for an id the service no longer remembers."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=200)
+    model_version: str = ""
+    detections: list[DetectionRecord] | None = None
+    classification: dict[str, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackAnswer:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] | None = None
+
+    def json_bytes(self) -> bytes:
+        return json.dumps(self.body).encode()
+
+
+def _error(status: int, message: str, **extra: Any) -> FeedbackAnswer:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return FeedbackAnswer(status, {"error": message, **extra}, headers)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = format_path(tuple(error["loc"]))
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def authorized(expected_token: str | None, authorization: str | None) -> bool:
+    if expected_token is None:
+        return True
+    if not authorization or not authorization.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(authorization[7:].strip().encode(), expected_token.encode())
+
+
+def handle_feedback(
+    collector: Collector,
+    *,
+    body: bytes,
+    content_type: str | None,
+    authorization: str | None,
+    form: dict[str, Any] | None = None,
+) -> FeedbackAnswer:
+    """Serve one feedback request. `form` holds already-parsed multipart fields, if any."""
+    if not authorized(collector.feedback_token, authorization):
+        return _error(401, "missing or wrong bearer token")
+    image: bytes | None = None
+    prediction: PredictionPayload | None = None
+    try:
+        if form is not None:
+            raw = form.get("feedback")
+            if raw is None:
+                return _error(400, "multipart feedback needs a 'feedback' field with the JSON verdict")
+            request = FeedbackRequest.model_validate_json(raw)
+            if "prediction" in form:
+                prediction = PredictionPayload.model_validate_json(form["prediction"])
+            image = form.get("image")
+        else:
+            if content_type and "json" not in content_type:
+                return _error(400, f"expected application/json or multipart/form-data, got {content_type}")
+            request = FeedbackRequest.model_validate_json(body)
+    except ValidationError as exc:
+        return _error(400, _validation_message(exc))
+    if image is not None and len(image) > collector.max_feedback_image_bytes:
+        return _error(413, f"image larger than {collector.max_feedback_image_bytes} bytes")
+
+    verdict = Verdict(request.verdict)
+    corrected = None
+    if request.corrected is not None:
+        if request.corrected.detections is not None:
+            corrected = tuple(d.to_detection() for d in request.corrected.detections)
+        elif request.corrected.classification is not None:
+            from edgecatch.observation import Classification
+
+            corrected = Classification.from_scores(request.corrected.classification)
+    outcome = collector.feedback(
+        request.inference_id, verdict, note=request.note, corrected=corrected,
+        prediction=prediction, image=image)
+    if outcome.status == "unknown":
+        return _error(
+            404, "unknown or expired inference id",
+            hint="send the verdict as multipart/form-data with 'feedback', 'prediction' and 'image'")
+    if outcome.status == "duplicate":
+        return _error(409, "a verdict was already given for this inference id")
+    if outcome.status == "forwarded_error":
+        return _error(502, "the worker that served this prediction did not answer")
+    decision = outcome.decision
+    return FeedbackAnswer(202, {
+        "inference_id": request.inference_id,
+        "verdict": verdict.value,
+        "selected": bool(decision and decision.selected),
+        "policy": decision.policy if decision else None,
+    })

@@ -1,0 +1,258 @@
+"""edgecatch for BentoML services: one decorator on the API, one line to mount the feedback route.
+
+```python
+import bentoml
+from edgecatch.integrations import bentoml as edgecatch
+
+@bentoml.asgi_app(edgecatch.app, path="/edgecatch")     # POST /edgecatch/feedback; starts/stops delivery
+@bentoml.service
+class PeopleDetector:
+    @bentoml.api
+    @edgecatch.observe(image="image", result="detections", model="people-detector")
+    def detect(self, image: PIL.Image.Image) -> list[Detection]:
+        ...
+```
+
+The decorator uses `functools.wraps`, so BentoML sees the API's own signature, IO schema and route;
+it returns the API's result unchanged, and nothing edgecatch does can fail the request: a result it
+cannot read is counted (`edgecatch_unparsed_total{reason="result"}`) and served as is. Every response
+carries `X-Edgecatch-Inference-Id`, set through BentoML's request context.
+
+Batchable APIs (`@bentoml.api(batchable=True)`) give one observation per item. BentoML merges items
+of several requests into one call, so there is no single response to carry their ids: the ids are
+logged at debug level and a verdict on such a prediction is sent with its image (see feedback).
+
+The image argument may be a PIL image (the encoded upload is kept, not the pixels), bytes, a path,
+or a numpy HWC RGB array.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from edgecatch.collector import Collector, get_collector
+from edgecatch.integrations.results import ResultAdapter, ResultFormatError, resolve_adapter
+from edgecatch.observation import Classification, Observation
+
+__all__ = ["INFERENCE_ID_HEADER", "app", "observe"]
+
+log = logging.getLogger("edgecatch.bentoml")
+
+INFERENCE_ID_HEADER = "X-Edgecatch-Inference-Id"
+
+
+def observe(
+    image: str = "image",
+    result: Literal["detections", "scores"] | ResultAdapter = "detections",
+    *,
+    model: str | None = None,
+    model_version: str = "",
+    batch: bool | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Observe every call of a BentoML API method.
+
+    image: the name of the parameter that holds the image.
+    result: how to read the return value: "detections", "scores", or a callable returning
+        `tuple[Detection, ...]` or `Classification` (see `edgecatch.integrations.results`).
+    model: the model name policies and metrics see (default: the method's qualified name).
+    batch: the image parameter and the result are lists, one item per element (default: detected
+        from the value: a list, or a 4-D array).
+    """
+    adapter = resolve_adapter(result)
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(func)
+        names = list(signature.parameters)
+        if image not in names:
+            raise TypeError(f"{func.__qualname__} has no parameter named {image!r} (it has {', '.join(names)})")
+        position = names.index(image)
+        model_name = model or func.__qualname__.replace(".", "-").lower()
+        watcher = _Watcher(adapter, model_name, model_version, batch)
+
+        def image_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if image in kwargs:
+                return kwargs[image]
+            return args[position] if position < len(args) else None
+
+        if inspect.iscoroutinefunction(func):
+            @functools.wraps(func)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                output = await func(*args, **kwargs)
+                watcher.watch(image_of(args, kwargs), output)
+                return output
+
+            return async_wrapper
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            output = func(*args, **kwargs)
+            watcher.watch(image_of(args, kwargs), output)
+            return output
+
+        return wrapper
+
+    return decorate
+
+
+class _Watcher:
+    """Turns one call's image and result into observations; never raises into the API."""
+
+    __slots__ = ("adapter", "model", "model_version", "batch")
+
+    def __init__(self, adapter: ResultAdapter, model: str, model_version: str, batch: bool | None) -> None:
+        self.adapter = adapter
+        self.model = model
+        self.model_version = model_version
+        self.batch = batch
+
+    def watch(self, image: Any, output: Any) -> None:
+        collector = get_collector()
+        if collector is None:  # disabled: the one check it costs
+            return
+        try:
+            batched = self.batch if self.batch is not None else _looks_batched(image)
+            if batched:
+                self._watch_batch(collector, image, output)
+            else:
+                inference_id = collector.new_inference_id()
+                _set_response_header(inference_id)
+                self._watch_one(collector, inference_id, image, output)
+        except Exception:  # edgecatch must never fail a prediction
+            collector.count_unparsed("internal")
+            log.exception("edgecatch could not observe a call of model %s", self.model)
+
+    def _watch_batch(self, collector: Collector, images: Any, outputs: Any) -> None:
+        images, outputs = list(images), list(outputs)
+        if len(images) != len(outputs):
+            collector.count_unparsed("result")
+            return
+        for item_image, item_output in zip(images, outputs):
+            inference_id = collector.new_inference_id()
+            log.debug("batched prediction of %s observed as %s", self.model, inference_id)
+            self._watch_one(collector, inference_id, item_image, item_output)
+
+    def _watch_one(self, collector: Collector, inference_id: str, image: Any, output: Any) -> None:
+        try:
+            prediction = self.adapter(output)
+        except ResultFormatError as exc:
+            collector.count_unparsed("result", detail=str(exc))
+            return
+        kept, width, height = _keepable_image(image)
+        if kept is None:
+            collector.count_unparsed("image")
+        observation = Observation(
+            model=self.model,
+            model_version=self.model_version,
+            image_width=width,
+            image_height=height,
+            detections=prediction if isinstance(prediction, tuple) else (),
+            classification=prediction if isinstance(prediction, Classification) else None,
+            inference_id=inference_id,
+            timestamp=time.time(),
+        )
+        collector.observe(observation, kept)
+
+
+def _looks_batched(image: Any) -> bool:
+    if isinstance(image, (list, tuple)):
+        return True
+    ndim = getattr(image, "ndim", None)
+    return ndim == 4
+
+
+def _keepable_image(image: Any) -> tuple[Any, int, int]:
+    """What to keep of the image (encoded bytes where they exist) and its size as the model saw it."""
+    if image is None:
+        return None, 0, 0
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image), 0, 0  # size read in the background when the sample is prepared
+    if isinstance(image, (str, Path)):
+        try:
+            return Path(image).read_bytes(), 0, 0
+        except OSError:
+            return None, 0, 0
+    size = getattr(image, "size", None)
+    if hasattr(image, "getbands") and isinstance(size, tuple):  # PIL
+        encoded = _upload_bytes(image)
+        return (encoded if encoded is not None else image), size[0], size[1]
+    shape = getattr(image, "shape", None)
+    if shape is not None and len(shape) in (2, 3):  # numpy HWC
+        return image, int(shape[1]), int(shape[0])
+    return None, 0, 0
+
+
+def _upload_bytes(image: Any) -> bytes | None:
+    """The encoded upload behind a PIL image BentoML opened from the request, if still readable."""
+    fp = getattr(image, "fp", None)
+    if fp is None or getattr(image, "format", None) is None:
+        return None
+    try:
+        position = fp.tell()
+        fp.seek(0)
+        data = fp.read()
+        fp.seek(position)
+        return data or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _set_response_header(inference_id: str) -> None:
+    try:
+        import bentoml
+
+        bentoml.Context().response.headers[INFERENCE_ID_HEADER] = inference_id
+    except LookupError:
+        pass  # called outside a request (a unit test, or another service calling the method locally)
+
+
+def _make_app() -> Any:
+    """The Starlette app mounted at /edgecatch: the feedback route, and delivery's lifespan."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from edgecatch.feedback import handle_feedback
+
+    async def feedback(request: Request) -> JSONResponse:
+        collector = get_collector()
+        if collector is None:
+            return JSONResponse({"error": "edgecatch is disabled"}, status_code=503)
+        content_type = request.headers.get("content-type", "")
+        form = None
+        body = b""
+        if content_type.startswith("multipart/form-data"):
+            async with request.form(max_part_size=collector.max_feedback_image_bytes + 1) as parsed:
+                form = {}
+                for key, value in parsed.multi_items():
+                    form[key] = await value.read() if hasattr(value, "read") else value
+        else:
+            body = await request.body()
+        answer = await collector.run_in_background(
+            handle_feedback, collector, body=body, content_type=content_type,
+            authorization=request.headers.get("authorization"), form=form)
+        return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette):
+        collector = get_collector()
+        if collector is not None:
+            collector.start()
+        try:
+            yield
+        finally:
+            if collector is not None:
+                await collector.run_in_background(collector.stop)
+
+    return Starlette(routes=[Route("/feedback", feedback, methods=["POST"])], lifespan=lifespan)
+
+
+app = _make_app()
