@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -102,8 +103,8 @@ class Collector:
     # -- the request path ----------------------------------------------------------------------
 
     def new_inference_id(self) -> str:
-        """A fresh id: the serving worker's tag, then 16 random hex digits."""
-        return f"{self._worker_tag}-{secrets.token_hex(8)}"
+        """A fresh id: "w", the serving worker's tag (its pid in base 36), "-", 16 random hex digits."""
+        return f"w{self._worker_tag}-{secrets.token_hex(8)}"
 
     def observe(self, observation: Observation, image: Any) -> Decision:
         """Evaluate, count, remember and maybe hand off one prediction. Never blocks, never raises."""
@@ -235,6 +236,8 @@ class Collector:
                         break
                     answer += chunk
             reply = json.loads(answer)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return FeedbackOutcome("unknown")  # the worker died without cleaning up its socket
         except (OSError, ValueError):
             log.warning("could not forward a verdict to worker %s", pid)
             return FeedbackOutcome("forwarded_error")
@@ -354,12 +357,13 @@ def _base36(number: int) -> str:
             return out
 
 
+_ID = re.compile(r"^w([0-9a-z]{1,8})-[0-9a-f]{16}(?:\.\d+)*$")
+
+
 def _owner_pid(inference_id: str) -> int | None:
-    tag = inference_id.split("-", 1)[0]
-    try:
-        return int(tag, 36)
-    except ValueError:
-        return None
+    """The pid of the worker that issued an id (items of a batch add ".<index>")."""
+    match = _ID.match(inference_id)
+    return int(match.group(1), 36) if match else None
 
 
 def _corrected_json(corrected: Any) -> Any:

@@ -1,0 +1,231 @@
+"""The collector's logic: observe, metrics, recall, verdicts, silent events, worker forwarding.
+
+Delivery is replaced by a recording fake with the same small interface (submit/start/stop/health):
+these tests are about what the collector decides and hands over; delivery has its own tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from edgecatch.collector import Collector, _owner_pid
+from edgecatch.config import EdgecatchConfig
+from edgecatch.metrics import Metrics
+from edgecatch.observation import Classification, Detection, Observation, Verdict
+
+POLICY = """
+version: 1
+limits: {per_hour: 1000}
+policies:
+  - name: wrong
+    feedback: incorrect
+    limits: {per_minute: 2}
+  - name: right
+    feedback: correct
+  - name: silent
+    feedback: silent
+  - name: low
+    confidence_below: 0.5
+"""
+
+
+class RecordingDelivery:
+    def __init__(self) -> None:
+        self.samples = []
+        self.started = self.stopped = False
+
+    def submit(self, observation, image, decision, image_settings) -> bool:
+        self.samples.append((observation, image, decision))
+        return True
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self, timeout=None) -> None:
+        self.stopped = True
+
+    def health(self) -> dict:
+        return {"spool_items": 0}
+
+
+@pytest.fixture
+def make_collector(tmp_path):
+    made = []
+
+    def make(policy: str = POLICY, **recall) -> Collector:
+        path = tmp_path / "policies.yaml"
+        path.write_text(textwrap.dedent(policy))
+        config = EdgecatchConfig.model_validate({
+            "policies": str(path), "recall": recall or {},
+            "delivery": {"spool_dir": str(tmp_path / "spool")},
+            "metrics": {"max_class_labels": 2},
+        })
+        registry = CollectorRegistry()
+        collector = Collector(config, metrics=Metrics(registry), delivery=RecordingDelivery())
+        collector.registry = registry
+        made.append(collector)
+        return collector
+
+    yield make
+    for collector in made:
+        collector.stop()
+
+
+def prediction(collector: Collector, confidence: float, classes=("person",)) -> Observation:
+    return Observation(
+        model="m", inference_id=collector.new_inference_id(), timestamp=time.time(),
+        detections=tuple(Detection(c, confidence, (0, 0, 10, 10), i) for i, c in enumerate(classes)))
+
+
+def test_observe_selects_counts_and_hands_off(make_collector):
+    collector = make_collector()
+    low = prediction(collector, 0.3)
+    decision = collector.observe(low, b"jpeg")
+    assert decision.policy == "low"
+    assert collector.delivery.samples == [(low, b"jpeg", decision)]
+    assert collector.observe(prediction(collector, 0.9), b"jpeg").selected is False
+    value = collector.registry.get_sample_value
+    assert value("edgecatch_predictions_total", {"model": "m"}) == 2
+    assert value("edgecatch_samples_total", {"model": "m", "policy": "low"}) == 1
+    assert value("edgecatch_detections_count", {"model": "m"}) == 2
+    assert value("edgecatch_prediction_confidence_bucket", {"model": "m", "class": "person", "le": "0.5"}) == 1
+
+
+def test_class_labels_beyond_the_cap_fold_into_other(make_collector):
+    collector = make_collector()
+    collector.observe(prediction(collector, 0.9, classes=("a", "b", "c", "d")), None)
+    value = collector.registry.get_sample_value
+    assert value("edgecatch_prediction_confidence_count", {"model": "m", "class": "a"}) == 1
+    assert value("edgecatch_prediction_confidence_count", {"model": "m", "class": "other"}) == 2
+
+
+def test_verdict_turns_the_recalled_prediction_into_a_feedback_event(make_collector):
+    collector = make_collector()
+    seen = prediction(collector, 0.9)
+    collector.observe(seen, b"the image")
+    outcome = collector.feedback(seen.inference_id, Verdict.INCORRECT, note="two people, not one",
+                                 corrected=(Detection("person", 1.0, (1, 1, 5, 5)),) * 2)
+    assert outcome.status == "accepted" and outcome.decision.policy == "wrong"
+    event, image, decision = collector.delivery.samples[-1]
+    assert image == b"the image" and event.feedback is Verdict.INCORRECT
+    assert event.feedback_note == "two people, not one" and len(event.corrected) == 2
+    assert event.detections == seen.detections  # policies and pre-labels keep the model's prediction
+    assert collector.registry.get_sample_value("edgecatch_feedback_total", {"verdict": "incorrect"}) == 1
+
+
+def test_one_verdict_per_prediction_and_unknown_ids(make_collector):
+    collector = make_collector()
+    seen = prediction(collector, 0.9)
+    collector.observe(seen, b"x")
+    assert collector.feedback(seen.inference_id, Verdict.CORRECT).status == "accepted"
+    assert collector.feedback(seen.inference_id, Verdict.INCORRECT).status == "duplicate"
+    assert collector.feedback(f"w{collector._worker_tag}-0123456789abcdef", Verdict.CORRECT).status == "unknown"
+
+
+def test_feedback_obeys_limits_so_a_loop_cannot_flood(make_collector):
+    collector = make_collector()
+    selected = 0
+    for _ in range(10):
+        seen = prediction(collector, 0.9)
+        collector.observe(seen, b"x")
+        outcome = collector.feedback(seen.inference_id, Verdict.INCORRECT)
+        selected += outcome.decision.selected
+    assert selected == 2  # per_minute: 2
+
+
+def test_unknown_id_with_prediction_and_image_is_accepted(make_collector):
+    from edgecatch.feedback import PredictionPayload
+
+    collector = make_collector()
+    payload = PredictionPayload.model_validate(
+        {"model": "m", "detections": [{"class": "cat", "confidence": 0.8, "box": [0, 0, 4, 4]}]})
+    outcome = collector.feedback("client-made-id", Verdict.INCORRECT, prediction=payload, image=b"img")
+    assert outcome.status == "accepted" and outcome.decision.policy == "wrong"
+    event, image, _ = collector.delivery.samples[-1]
+    assert image == b"img" and event.detections[0].class_name == "cat"
+
+
+def test_predictions_leaving_the_buffer_unanswered_become_silent_events(make_collector):
+    collector = make_collector(max_items=2)
+    first, second, third = (prediction(collector, 0.9) for _ in range(3))
+    collector.observe(first, b"1")
+    collector.observe(second, b"2")
+    collector.feedback(second.inference_id, Verdict.CORRECT)
+    collector.observe(third, b"3")  # pushes `first` out, unanswered
+    silent = [s for s in collector.delivery.samples if s[0].feedback is Verdict.SILENT]
+    assert [(s[0].inference_id, s[1]) for s in silent] == [(first.inference_id, b"1")]
+    collector.observe(prediction(collector, 0.9), b"4")  # pushes `second` out: answered, so no event
+    assert len([s for s in collector.delivery.samples if s[0].feedback is Verdict.SILENT]) == 1
+
+
+def test_aged_predictions_become_silent_in_the_background(make_collector):
+    collector = make_collector(max_age_seconds=0.2)
+    collector.start()
+    seen = prediction(collector, 0.9)
+    collector.observe(seen, b"x")
+    deadline = time.monotonic() + 10
+    while not collector.delivery.samples and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ((event, image, decision),) = collector.delivery.samples
+    assert event.feedback is Verdict.SILENT and decision.policy == "silent"
+
+
+def test_classification_metrics_use_the_top_class(make_collector):
+    collector = make_collector()
+    obs = Observation(model="clf", classification=Classification.from_scores({"cat": 0.7, "dog": 0.3}),
+                      inference_id=collector.new_inference_id())
+    collector.observe(obs, None)
+    assert collector.registry.get_sample_value(
+        "edgecatch_prediction_confidence_count", {"model": "clf", "class": "cat"}) == 1
+
+
+def test_inference_ids_name_their_worker(make_collector):
+    collector = make_collector()
+    assert _owner_pid(collector.new_inference_id()) == os.getpid()
+    assert _owner_pid("no-such-worker-tag!") is None
+
+
+def test_a_verdict_reaching_another_worker_is_forwarded(make_collector, tmp_path):
+    """Two real processes share a spool folder: the verdict lands on the one that did not serve."""
+    collector = make_collector()
+    collector.start()
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        from test_collector import RecordingDelivery
+        from prometheus_client import CollectorRegistry
+        from edgecatch.collector import Collector
+        from edgecatch.metrics import Metrics
+        from edgecatch.observation import Observation, Detection
+        collector = Collector(__import__('edgecatch.config').config.EdgecatchConfig.model_validate(
+            {{"policies": {str(tmp_path / 'policies.yaml')!r},
+              "delivery": {{"spool_dir": {str(tmp_path / 'spool')!r}}}}}),
+            metrics=Metrics(CollectorRegistry()), delivery=RecordingDelivery())
+        collector.start()
+        obs = Observation(model="m", inference_id=collector.new_inference_id(), timestamp=time.time(),
+                          detections=(Detection("person", 0.9, (0, 0, 1, 1)),))
+        collector.observe(obs, b"served by the child")
+        print(obs.inference_id, flush=True)
+        sys.stdin.readline()
+        print(len(collector.delivery.samples), collector.delivery.samples[-1][0].feedback.value, flush=True)
+        collector.stop()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        inference_id = child.stdout.readline().strip()
+        outcome = collector.feedback(inference_id, Verdict.INCORRECT, note="forwarded")
+        assert outcome.status == "accepted" and outcome.decision.policy == "wrong"
+        assert collector.delivery.samples == []  # the child, which remembers the image, handed it off
+        assert collector.feedback(inference_id, Verdict.CORRECT).status == "duplicate"
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().split() == ["1", "incorrect"]
+    finally:
+        child.kill() if child.poll() is None else None
+        child.wait(10)
