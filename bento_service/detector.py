@@ -39,8 +39,10 @@ Detections under ``min_confidence`` are dropped; then per-class greedy non-maxim
 suppression (IoU > ``nms_iou`` with a better box of the same class is removed).
 
 Speed: images are downscaled (never upscaled) so the longer side is at most ``max_side``
-(512 by default) before detection; boxes are scaled back.  ~30-60 ms per 512x512 image for
-person+face on one core of this machine (see ``sidecar/README.md`` for measurements).
+(512 by default) before detection; boxes are scaled back.  Person+face on a 512-pixel image
+on this 2-core machine: ~110 ms mean with OpenCV's 2 threads, ~170 ms with one thread (HOG ~30 ms,
+the face cascade the rest; textured images such as grass or gravel are slowest, up to ~330 ms
+single-threaded).  ``python -m bento_service.sample_images`` measures it again.
 
 Thread safety: OpenCV's ``CascadeClassifier`` must not be used from two threads at once, so
 each thread gets its own detector objects (created lazily, ~15 ms).  A ``Detector`` instance
