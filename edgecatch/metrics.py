@@ -48,11 +48,22 @@ class Metrics:
         # Delivery.
         self.dropped = Counter(
             "edgecatch_dropped", "Selected samples dropped, by reason", ["reason"], **kw)
+        # Every process sharing a spool directory sees (and reports) the whole directory, so across
+        # BentoML workers the right aggregate is the maximum, not the sum.
         self.spool_items = Gauge(
-            "edgecatch_spool_items", "Samples waiting in the spool", multiprocess_mode="livesum", **kw)
+            "edgecatch_spool_items", "Samples waiting in the spool", multiprocess_mode="livemax", **kw)
         self.spool_bytes = Gauge(
             "edgecatch_spool_bytes", "Bytes of samples waiting in the spool",
-            multiprocess_mode="livesum", **kw)
+            multiprocess_mode="livemax", **kw)
+        self.spool_quarantined = Counter(
+            "edgecatch_spool_quarantined", "Torn or corrupt spool entries moved to the quarantine folder",
+            **kw)
+        self.dead_letters = Counter(
+            "edgecatch_dead_letters", "Samples moved to the dead-letter folder, by sink and reason",
+            ["sink", "reason"], **kw)
+        self.sink_paused = Gauge(
+            "edgecatch_sink_paused", "1 while a sink is paused because the destination refused the "
+            "credentials (401/403): an alarm", ["sink"], multiprocess_mode="livemax", **kw)
         self.uploads = Counter(
             "edgecatch_uploads", "Upload attempts by sink and outcome", ["sink", "outcome"], **kw)
         self.upload_seconds = Histogram(

@@ -1,0 +1,161 @@
+"""Turning what the model saw into the image and pre-labels a labeler gets (background only).
+
+Decode (if encoded), apply the EXIF orientation, scale down to `max_size` on the longest side keeping
+the aspect ratio, encode JPEG at `jpeg_quality`, and carry the boxes through the same steps: the
+orientation's flip/rotation, then the scale (x and y separately, since rounding makes them differ).
+
+Box coordinates are taken to be in the pixels the model saw, and the model is taken to have seen the
+pixels as stored (what PIL and numpy give; EXIF is not applied). One exception, detected from the
+observation's image size: when it matches the *oriented* size and not the stored one (a decoder such
+as OpenCV's `imdecode` that applies EXIF rotation), the boxes are already oriented.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from edgecatch.observation import Observation
+from edgecatch.policies.decision import Decision
+
+from .sample import SampleDetection, SampleRecord
+
+__all__ = ["PreparedImage", "prepare_image", "build_record", "ImageError"]
+
+_EXIF_ORIENTATION = 0x0112
+Box = tuple[float, float, float, float]
+
+
+class ImageError(ValueError):
+    """The image could not be decoded or is empty."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    data: bytes
+    width: int
+    height: int
+    #: Size of the stored pixels before orientation and resizing.
+    source_width: int
+    source_height: int
+    orientation: int
+
+
+def _open(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            opened = Image.open(io.BytesIO(bytes(image)))
+            opened.load()
+        except Exception as exc:  # PIL raises several types for bad data
+            raise ImageError(f"cannot decode image: {type(exc).__name__}") from None
+        return opened
+    if hasattr(image, "__array_interface__"):  # numpy HWC RGB uint8 (or HW grayscale)
+        try:
+            return Image.fromarray(image)
+        except Exception as exc:
+            raise ImageError(f"cannot read array image: {exc}") from None
+    raise ImageError(f"unsupported image type {type(image).__name__}")
+
+
+def orient_box(box: Box, orientation: int, width: int, height: int) -> Box:
+    """Map a box in stored pixels (width x height) through an EXIF orientation's transpose."""
+    x1, y1, x2, y2 = box
+    w, h = width, height
+    if orientation == 2:    # mirror horizontal
+        return (w - x2, y1, w - x1, y2)
+    if orientation == 3:    # rotate 180
+        return (w - x2, h - y2, w - x1, h - y1)
+    if orientation == 4:    # mirror vertical
+        return (x1, h - y2, x2, h - y1)
+    if orientation == 5:    # transpose (x <-> y)
+        return (y1, x1, y2, x2)
+    if orientation == 6:    # rotate 90 clockwise to display: new x = h - y, new y = x
+        return (h - y2, x1, h - y1, x2)
+    if orientation == 7:    # transverse
+        return (h - y2, w - x2, h - y1, w - x1)
+    if orientation == 8:    # rotate 90 counter-clockwise to display: new x = y, new y = w - x
+        return (y1, w - x2, y2, w - x1)
+    return box
+
+
+def prepare_image(image: Any, max_size: int, jpeg_quality: int) -> tuple[PreparedImage, Image.Image]:
+    """Decode, orient, resize and encode; returns the JPEG and the oriented PIL image before resizing."""
+    opened = _open(image)
+    source_width, source_height = opened.size
+    if source_width <= 0 or source_height <= 0:
+        raise ImageError("empty image")
+    try:
+        orientation = int(opened.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:
+        orientation = 1
+    oriented = ImageOps.exif_transpose(opened) if orientation != 1 else opened
+    width, height = oriented.size
+    scale = min(1.0, max_size / max(width, height))
+    resized = oriented
+    if scale < 1.0:
+        resized = oriented.resize(
+            (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
+    if resized.mode not in ("RGB", "L"):
+        resized = resized.convert("RGB")
+    out = io.BytesIO()
+    resized.save(out, format="JPEG", quality=jpeg_quality, optimize=False)
+    return PreparedImage(out.getvalue(), resized.size[0], resized.size[1], source_width, source_height,
+                         orientation), oriented
+
+
+def transform_box(box: Box, prepared: PreparedImage, reference: tuple[int, int]) -> Box:
+    """A box from the model's pixel space into the prepared image's, clipped to it."""
+    ref_w, ref_h = reference
+    sw, sh = prepared.source_width, prepared.source_height
+    orientation = prepared.orientation
+    swapped = orientation in (5, 6, 7, 8)
+    oriented_size = (sh, sw) if swapped else (sw, sh)
+    if orientation != 1 and not ((ref_w, ref_h) == oriented_size and (ref_w, ref_h) != (sw, sh)):
+        # Boxes are in stored pixels (scaled to them if the model saw another size): orient them.
+        if (ref_w, ref_h) != (sw, sh) and ref_w > 0 and ref_h > 0:
+            box = (box[0] * sw / ref_w, box[1] * sh / ref_h, box[2] * sw / ref_w, box[3] * sh / ref_h)
+        box = orient_box(box, orientation, sw, sh)
+        ref_w, ref_h = oriented_size
+    if ref_w <= 0 or ref_h <= 0:
+        ref_w, ref_h = oriented_size
+    sx = prepared.width / ref_w
+    sy = prepared.height / ref_h
+    x1, y1, x2, y2 = box
+    x1, x2 = sorted((x1 * sx, x2 * sx))
+    y1, y2 = sorted((y1 * sy, y2 * sy))
+    clip_x = lambda v: min(max(v, 0.0), float(prepared.width))  # noqa: E731
+    clip_y = lambda v: min(max(v, 0.0), float(prepared.height))  # noqa: E731
+    return (clip_x(x1), clip_y(y1), clip_x(x2), clip_y(y2))
+
+
+def build_record(sample_id: str, created: float, observation: Observation, decision: Decision,
+                 prepared: PreparedImage) -> SampleRecord:
+    """The spool record: the observation's pre-labels moved into the prepared image's pixels."""
+    reference = (observation.image_width, observation.image_height)
+    detections = tuple(
+        SampleDetection(d.class_name, d.class_id, float(d.confidence), transform_box(d.box, prepared, reference))
+        for d in observation.detections)
+    classification = observation.classification
+    return SampleRecord(
+        sample_id=sample_id,
+        created=created,
+        model=observation.model,
+        model_version=observation.model_version,
+        width=prepared.width,
+        height=prepared.height,
+        task="classification" if classification is not None else "detection",
+        inference_id=observation.inference_id,
+        policy=decision.policy or "",
+        tags=tuple(decision.tags),
+        batch=decision.batch,
+        reasons=dict(decision.reasons),
+        detections=detections,
+        classification=tuple(classification.ranked) if classification is not None else (),
+        feedback=observation.feedback.value if observation.feedback is not None else "",
+        extra={str(k): str(v) for k, v in observation.extra.items()},
+    )
