@@ -12,6 +12,8 @@ import os
 import bentoml
 from PIL.Image import Image
 
+from edgecatch.integrations import bentoml as edgecatch
+
 try:
     from .service import Detection
 except ImportError:  # pragma: no cover - `bentoml serve trivial_service:...` from inside bento_service/
@@ -24,14 +26,15 @@ FIXED: list[dict] = [
 ]
 
 
+@bentoml.asgi_app(edgecatch.app, path="/edgecatch")
 @bentoml.service(
     name="edgecatch-trivial-detector",
     workers=int(os.environ.get("DETECTOR_WORKERS", "1")),
     traffic={"timeout": 30},
 )
 class TrivialDetectionService:
-    # edgecatch: the lead adds the edgecatch decorator here, under @bentoml.api.
     @bentoml.api
+    @edgecatch.observe(image="image", result="detections", model="trivial-detector")
     def detect(self, image: Image) -> list[Detection]:
         """Return the same three detections for every image."""
         return copy.deepcopy(FIXED)

@@ -1,21 +1,15 @@
 """The example detector (bento_service/detector.py) on realistic images shipped in packages."""
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-cv2 = pytest.importorskip("cv2")
-skdata = pytest.importorskip("skimage.data")
+import cv2
+import skimage.data as skdata
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-# bento_service/ is not an installed package: import it from the repo root
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bento_service.detector import (  # noqa: E402
+from bento_service.detector import (
     CLASS_NAMES,
     Detector,
     cascade_confidence,
@@ -62,7 +56,7 @@ def test_realistic_images_give_well_formed_output(detector, name):
 
 
 def test_sklearn_sample_images(detector):
-    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    import sklearn.datasets as sklearn_datasets
     for img in sklearn_datasets.load_sample_images().images:
         _check(detector(img), img.shape)
 

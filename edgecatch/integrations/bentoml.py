@@ -83,16 +83,32 @@ def observe(
         if inspect.iscoroutinefunction(func):
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                output = await func(*args, **kwargs)
-                watcher.watch(image_of(args, kwargs), output)
+                collector = get_collector()
+                if collector is None:  # disabled: the one check it costs
+                    return await func(*args, **kwargs)
+                captured = watcher.capture(collector, image_of(args, kwargs))
+                try:
+                    output = await func(*args, **kwargs)
+                except Exception:
+                    collector.count_unparsed("api_error")
+                    raise
+                watcher.watch(collector, captured, output)
                 return output
 
             return async_wrapper
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            output = func(*args, **kwargs)
-            watcher.watch(image_of(args, kwargs), output)
+            collector = get_collector()
+            if collector is None:  # disabled: the one check it costs
+                return func(*args, **kwargs)
+            captured = watcher.capture(collector, image_of(args, kwargs))
+            try:
+                output = func(*args, **kwargs)
+            except Exception:
+                collector.count_unparsed("api_error")
+                raise
+            watcher.watch(collector, captured, output)
             return output
 
         return wrapper
@@ -111,10 +127,16 @@ class _Watcher:
         self.model_version = model_version
         self.batch = batch
 
-    def watch(self, image: Any, output: Any) -> None:
-        collector = get_collector()
-        if collector is None:  # disabled: the one check it costs
-            return
+    def capture(self, collector: Collector, image: Any) -> Any:
+        """Before the API runs: the encoded upload behind a lazily opened PIL image is still readable."""
+        try:
+            if isinstance(image, (list, tuple)):
+                return [_captured(item) for item in image]
+            return _captured(image)
+        except Exception:
+            return image
+
+    def watch(self, collector: Collector, image: Any, output: Any) -> None:
         try:
             batched = self.batch if self.batch is not None else _looks_batched(image)
             if batched:
@@ -177,14 +199,41 @@ def _keepable_image(image: Any) -> tuple[Any, int, int]:
             return Path(image).read_bytes(), 0, 0
         except OSError:
             return None, 0, 0
+    if isinstance(image, _Captured):  # a PIL image and, when it was still readable, its upload
+        width, height = image.size
+        return (image.encoded if image.encoded is not None else image.image), width, height
     size = getattr(image, "size", None)
-    if hasattr(image, "getbands") and isinstance(size, tuple):  # PIL
-        encoded = _upload_bytes(image)
-        return (encoded if encoded is not None else image), size[0], size[1]
+    if hasattr(image, "getbands") and isinstance(size, tuple):  # PIL, already decoded
+        return image, size[0], size[1]
     shape = getattr(image, "shape", None)
     if shape is not None and len(shape) in (2, 3):  # numpy HWC
         return image, int(shape[1]), int(shape[0])
     return None, 0, 0
+
+
+class _Captured:
+    """A PIL image with the encoded bytes it was opened from (read before the API decodes it)."""
+
+    __slots__ = ("image", "encoded", "size")
+
+    def __init__(self, image: Any, encoded: bytes | None) -> None:
+        self.image = image
+        self.encoded = encoded
+        width, height = image.size
+        try:
+            # Pre-labels live in the upright image (models decode with EXIF orientation applied,
+            # and so does delivery), so a 90°-rotated upload swaps width and height.
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                width, height = height, width
+        except Exception:
+            pass
+        self.size = (width, height)
+
+
+def _captured(image: Any) -> Any:
+    if hasattr(image, "getbands") and getattr(image, "fp", None) is not None:
+        return _Captured(image, _upload_bytes(image))
+    return image
 
 
 def _upload_bytes(image: Any) -> bytes | None:
