@@ -67,6 +67,8 @@ def observe(
     adapter = resolve_adapter(result)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        import bentoml
+
         signature = inspect.signature(func)
         names = list(signature.parameters)
         if image not in names:
@@ -74,6 +76,11 @@ def observe(
         position = names.index(image)
         model_name = model or func.__qualname__.replace(".", "-").lower()
         watcher = _Watcher(adapter, model_name, model_version, batch)
+        # BentoML applies response headers only for APIs that take a context. When the API does
+        # not, the wrapper's signature gains a keyword-only `ctx: bentoml.Context`: BentoML passes
+        # it, leaves it out of the API's input schema, and the wrapper does not pass it on.
+        own_ctx = next((n for n in ("ctx", "context") if n in names), None)
+        ctx_name = own_ctx or "ctx"
 
         def image_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if image in kwargs:
@@ -83,6 +90,7 @@ def observe(
         if inspect.iscoroutinefunction(func):
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                ctx = kwargs.get(ctx_name) if own_ctx else kwargs.pop(ctx_name, None)
                 collector = get_collector()
                 if collector is None:  # disabled: the one check it costs
                     return await func(*args, **kwargs)
@@ -92,25 +100,35 @@ def observe(
                 except Exception:
                     collector.count_unparsed("api_error")
                     raise
-                watcher.watch(collector, captured, output)
+                watcher.watch(collector, captured, output, ctx)
                 return output
 
-            return async_wrapper
+            wrapper = async_wrapper
+        else:
+            @functools.wraps(func)
+            def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
+                ctx = kwargs.get(ctx_name) if own_ctx else kwargs.pop(ctx_name, None)
+                collector = get_collector()
+                if collector is None:  # disabled: the one check it costs
+                    return func(*args, **kwargs)
+                captured = watcher.capture(collector, image_of(args, kwargs))
+                try:
+                    output = func(*args, **kwargs)
+                except Exception:
+                    collector.count_unparsed("api_error")
+                    raise
+                watcher.watch(collector, captured, output, ctx)
+                return output
 
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            collector = get_collector()
-            if collector is None:  # disabled: the one check it costs
-                return func(*args, **kwargs)
-            captured = watcher.capture(collector, image_of(args, kwargs))
-            try:
-                output = func(*args, **kwargs)
-            except Exception:
-                collector.count_unparsed("api_error")
-                raise
-            watcher.watch(collector, captured, output)
-            return output
-
+            wrapper = sync_wrapper
+        if own_ctx is None:
+            parameters = list(signature.parameters.values())
+            ctx_parameter = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=bentoml.Context)
+            if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+                parameters.insert(len(parameters) - 1, ctx_parameter)
+            else:
+                parameters.append(ctx_parameter)
+            wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
@@ -136,14 +154,15 @@ class _Watcher:
         except Exception:
             return image
 
-    def watch(self, collector: Collector, image: Any, output: Any) -> None:
+    def watch(self, collector: Collector, image: Any, output: Any, ctx: Any) -> None:
         try:
             batched = self.batch if self.batch is not None else _looks_batched(image)
             if batched:
                 self._watch_batch(collector, image, output)
             else:
                 inference_id = collector.new_inference_id()
-                _set_response_header(inference_id)
+                if ctx is not None:
+                    ctx.response.headers[INFERENCE_ID_HEADER] = inference_id
                 self._watch_one(collector, inference_id, image, output)
         except Exception:  # edgecatch must never fail a prediction
             collector.count_unparsed("internal")
@@ -249,15 +268,6 @@ def _upload_bytes(image: Any) -> bytes | None:
         return data or None
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _set_response_header(inference_id: str) -> None:
-    try:
-        import bentoml
-
-        bentoml.Context().response.headers[INFERENCE_ID_HEADER] = inference_id
-    except LookupError:
-        pass  # called outside a request (a unit test, or another service calling the method locally)
 
 
 def _make_app() -> Any:
