@@ -21,9 +21,11 @@ Semantics (the README's policy reference says the same for ops):
 from __future__ import annotations
 
 import fnmatch
+import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,19 +35,56 @@ from edgecatch.policies.decision import NOT_SELECTED, Decision
 from edgecatch.policies.limits import Limiter, MemoryLimiter, Windows
 from edgecatch.policies.schema import Condition, ImageSettings, Policy, PolicyDocument
 
-__all__ = ["EngineState", "PolicySet", "describe_conditions"]
+__all__ = ["EngineState", "ForkSafeRandom", "PolicySet", "describe_conditions"]
 
 Check = Callable[[Observation], "str | None"]
 
 
-@dataclass
+class ForkSafeRandom(random.Random):
+    """A random source seeded from the OS, and seeded anew in a forked child.
+
+    Replicas must not draw the same numbers: a worker forked from a parent that already made its
+    random source would otherwise repeat the parent's (and its siblings') draws exactly.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()  # no seed: os.urandom
+        _fork_reseeded.add(self)
+
+
+_fork_reseeded: weakref.WeakSet[ForkSafeRandom] = weakref.WeakSet()
+_fork_states: weakref.WeakSet[EngineState] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for rng in list(_fork_reseeded):
+        rng.seed()
+    for state in list(_fork_states):
+        # A lock held by another thread at the fork would stay held forever in the child; and the
+        # counters start again at a new random phase, so forked siblings do not count in step.
+        state.counters_lock = threading.Lock()
+        state.counters.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@dataclass(eq=False)
 class EngineState:
-    """What outlives a policy reload: budgets already spent, every_nth counters, the random source."""
+    """What outlives a policy reload: budgets already spent, every_nth counters, the random source.
+
+    Each every_nth counter starts at a phase drawn from `rng`, so replicas that each keep every nth
+    prediction do not all keep the same ones (round-robin traffic would otherwise collect n
+    consecutive predictions, then none).
+    """
 
     limiter: Limiter = field(default_factory=MemoryLimiter)
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=ForkSafeRandom)
     counters: dict[tuple[str, str, str], int] = field(default_factory=dict)
     counters_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        _fork_states.add(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,14 +275,18 @@ class PolicySet:
         return checks
 
     def _every_nth_check(self, n: int, policy: str, path: str) -> Check:
-        counters = self.state.counters
-        lock = self.state.counters_lock
+        state = self.state
         reason = f"every {n}th prediction"
+        phase = self.state.rng.randrange
 
         def check(obs: Observation) -> str | None:
             key = (policy, path, obs.model)
-            with lock:
-                count = counters.get(key, 0) + 1
+            # Looked up on each call: a fork replaces the lock and clears the counters.
+            counters = state.counters
+            with state.counters_lock:
+                count = counters.get(key)
+                # A new counter starts at a random phase: the first selection is one of the first n.
+                count = (phase(n) if count is None else count) + 1
                 counters[key] = count
             return reason if count % n == 0 else None
 

@@ -135,22 +135,40 @@ def test_random_draws_independently_at_the_given_rate():
     assert all(holds(one_policy("random: 1.0"), detections()) for _ in range(1000))
 
 
-def test_every_nth_counts_per_policy_and_model():
-    p = one_policy("every_nth: 3")
-    a = [holds(p, detections(model="a")) for _ in range(6)]
-    b = [holds(p, detections(model="b")) for _ in range(3)]
-    assert a == [False, False, True, False, False, True]
-    assert b == [False, False, True]
+def every_nth_phase(pattern: list[bool], n: int) -> int:
+    """The index of the first selection, after checking the pattern is one selection every n."""
+    first = pattern.index(True)
+    assert first < n and pattern == [i % n == first for i in range(len(pattern))], pattern
+    return first
+
+
+def test_every_nth_counts_per_policy_and_model_from_a_random_phase():
+    # Each counter starts at a phase drawn from the state's random source, so replicas that each
+    # keep every nth prediction do not keep the same ones.
+    phases = set()
+    for seed in range(30):
+        p = one_policy("every_nth: 3", seed=seed)
+        a, b = [], []
+        for _ in range(9):  # interleaved: each model has its own counter
+            a.append(holds(p, detections(model="a")))
+            b.append(holds(p, detections(model="b")))
+        phases.add((every_nth_phase(a, 3), every_nth_phase(b, 3)))
+    assert {a for a, _ in phases} == {0, 1, 2}
+    assert any(a != b for a, b in phases)
 
 
 def test_every_nth_counts_only_predictions_its_block_accepts():
-    p = one_policy("""
-        confidence_below: 0.5
-        every_nth: 2
-    """)
     sequence = [0.9, 0.4, 0.9, 0.4, 0.9, 0.4, 0.4]
-    assert [holds(p, detections(("box", c))) for c in sequence] == [
-        False, False, False, True, False, False, True]
+    seen = set()
+    for seed in range(20):
+        p = one_policy("""
+            confidence_below: 0.5
+            every_nth: 2
+        """, seed=seed)
+        selected = [i for i, c in enumerate(sequence) if holds(p, detections(("box", c)))]
+        assert selected in ([1, 5], [3, 6])  # every second one of the 0.4s at indexes 1, 3, 5, 6
+        seen.add(tuple(selected))
+    assert len(seen) == 2
 
 
 def test_sample_keeps_a_fraction_of_the_matches():
