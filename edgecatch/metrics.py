@@ -45,6 +45,16 @@ class Metrics:
             "edgecatch_feedback", "Feedback events by verdict", ["verdict"], **kw)
         self.policy_reloads = Counter(
             "edgecatch_policy_reloads", "Policy file reloads by outcome", ["outcome"], **kw)
+        # Shared limits (the Redis limiter backend). Across workers the gauge aggregates by minimum:
+        # one worker that cannot reach Redis is an outage.
+        self.limiter_available = Gauge(
+            "edgecatch_limiter_available", "1 while the shared limiter (Redis) answers, 0 during an outage",
+            multiprocess_mode="livemin", **kw)
+        self.limiter_outages = Counter(
+            "edgecatch_limiter_outages", "Times the shared limiter became unreachable or too slow", **kw)
+        self.limiter_unavailable = Counter(
+            "edgecatch_limiter_unavailable", "Limit decisions taken without the shared limiter, by the "
+            "declared behaviour (fail_open: local budgets, fail_closed: refused)", ["behaviour"], **kw)
         # Delivery.
         self.dropped = Counter(
             "edgecatch_dropped", "Selected samples dropped, by reason", ["reason"], **kw)
