@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgecatch.metrics import Metrics, get_metrics
 from edgecatch.observation import Classification, Detection, Observation, Verdict
-from edgecatch.policies import Decision, PolicyStore
+from edgecatch.policies import Decision, EngineState, PolicyStore
+from edgecatch.policies.redis_limiter import LimiterEvent, build_limiter
 from edgecatch.recall import RecallBuffer, Recalled
 
 if TYPE_CHECKING:
@@ -65,8 +66,10 @@ class Collector:
         self.config = config
         self._metrics = metrics
         self._clock = clock
+        self.limiter = build_limiter(config.limits, on_event=self._limiter_event)
         self.policies = PolicyStore(
-            config.policies, poll_interval=config.policy_reload_seconds, clock=clock,
+            config.policies, state=EngineState(limiter=self.limiter),
+            poll_interval=config.policy_reload_seconds, clock=clock,
             on_reload=lambda outcome: self.metrics.policy_reloads.labels(outcome).inc())
         self.recall = RecallBuffer(
             max_items=config.recall.max_items, max_bytes=config.recall.max_bytes,
@@ -121,6 +124,16 @@ class Collector:
     def submit(self, observation: Observation, image: Any, decision: Decision) -> bool:
         """Hand a selected sample to delivery: a bounded non-blocking put (full: dropped and counted)."""
         return self.delivery.submit(observation, image, decision, self.policies.current.image)
+
+    def _limiter_event(self, event: LimiterEvent) -> None:
+        metrics = self.metrics
+        if event == "available":
+            metrics.limiter_available.set(1)
+        elif event == "unavailable":
+            metrics.limiter_available.set(0)
+            metrics.limiter_outages.inc()
+        else:
+            metrics.limiter_unavailable.labels(event).inc()
 
     def count_unparsed(self, reason: str, detail: str | None = None) -> None:
         self.metrics.unparsed.labels(reason).inc()
@@ -331,6 +344,9 @@ class Collector:
                 self._thread.join(5)
             self._peer_socket(self._pid).unlink(missing_ok=True)
             self.delivery.stop(timeout)
+            close_limiter = getattr(self.limiter, "close", None)
+            if close_limiter is not None:
+                close_limiter()
             self._state = "stopped"
 
     async def run_in_background(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -6,6 +6,7 @@ policies: ../policies/default.yaml     # relative paths are relative to this fil
 recall: {max_items: 10000, max_bytes: 268435456, max_age_seconds: 300}
 feedback: {token_env: EDGECATCH_FEEDBACK_TOKEN}
 metrics: {max_class_labels: 50}
+limits: {backend: memory}               # or redis://host:6379/0 to share budgets across a fleet
 delivery: {...}                         # spool, sink and uploader: see the README
 ```
 Validated like policy files: unknown keys and bad values fail with file, line and path.
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from edgecatch.delivery.config import DeliveryConfig
 from edgecatch.policies.load import ConfigError, load_model
@@ -65,6 +66,46 @@ class MetricsConfig(_Strict):
         50, description="Class names beyond this many (per model) are reported as class=\"other\".")
 
 
+class LimitsConfig(_Strict):
+    """Where the policies' rolling-window budgets are kept: per process, or in Redis for a fleet."""
+
+    backend: str = Field(
+        "memory", repr=False,  # a Redis URL may carry a password: never in a repr
+        description="`memory` (each process has its own budgets) or a Redis URL (redis://, rediss://, "
+                    "unix://) whose budgets every process with the same `fleet` shares.")
+    fleet: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = Field(
+        "default", description="Name of the fleet sharing budgets: fleets on one Redis never share.")
+    on_unavailable: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open", description="Redis unreachable or slow: fail_open uses local budgets divided by "
+                                 "expected_replicas; fail_closed selects nothing that has a limit.")
+    expected_replicas: Annotated[int, Field(ge=1)] = Field(
+        1, description="Processes in the fleet; local budgets during an outage are divided by it.")
+    timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = Field(
+        20.0, description="Longest a prediction waits for Redis (to connect, and for the answer).")
+    retry_seconds: Annotated[float, Field(gt=0)] = Field(
+        5.0, description="During an outage, how often a background thread tries Redis again.")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        # The message must not echo the value: it may hold a password.
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be memory or a redis://, rediss:// or unix:// URL")
+        return value
+
+    backend_env: str | None = Field(
+        None, description="Name of an environment variable holding the backend (a Redis URL with its "
+                          "password stays out of the file); when set and non-empty it wins over `backend`.")
+
+    def resolved_backend(self) -> str:
+        if self.backend_env:
+            value = os.environ.get(self.backend_env)
+            if value:
+                self._known_backend(value)
+                return value
+        return self.backend
+
+
 class EdgecatchConfig(_Strict):
     enabled: bool = True
     policies: Path = Field(Path("policies/default.yaml"), description="Policy file, hot-reloaded.")
@@ -73,6 +114,7 @@ class EdgecatchConfig(_Strict):
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     def resolve_paths(self, base: Path) -> EdgecatchConfig:
         """Relative paths in the file are relative to the file's folder."""
@@ -90,4 +132,4 @@ def load_config(path: str | os.PathLike[str] | None = None) -> EdgecatchConfig:
     return load_model(EdgecatchConfig, path).resolve_paths(path.resolve().parent)
 
 
-__all__ += ["ConfigError", "MetricsConfig"]
+__all__ += ["ConfigError", "LimitsConfig", "MetricsConfig"]

@@ -1,0 +1,290 @@
+"""Limits shared by a fleet: rolling windows in Redis, one atomic server-side script per decision.
+
+Each budget (a policy's window, or a window of the global limits) is one sorted set whose members
+are the selections still inside the window, scored by their time in milliseconds. One Lua script
+per decision trims every set to its window, checks that each has room, and only then adds the new
+selection to all of them — so a decision charges everything or nothing, and no two replicas can
+both take the last unit of a budget. The script is loaded once (EVALSHA, falling back to EVAL when
+the server answers NOSCRIPT, e.g. after a restart). Keys look like `edgecatch:{fleet}:p:<policy>:<s>`
+and `edgecatch:{fleet}:g:<s>`: the fleet name separates fleets sharing one Redis, and the braces make
+it a Redis Cluster hash tag, so all keys of one decision live on one shard.
+
+Times are the callers' clocks (`now`), so replicas should run NTP: a clock d seconds off shifts
+the window edges that replica sees by d seconds.
+
+Redis unreachable, or slower than `timeout_ms`: the decision is taken locally at once by the
+declared behaviour — `fail_open` (a per-process `MemoryLimiter` whose budgets are divided by
+`expected_replicas`, rounded down but at least 1) or `fail_closed` (select nothing). The limiter then
+stops calling Redis altogether (a circuit breaker): a background thread tries the script again every
+`retry_seconds`, and the request path goes back to Redis when it answers. An outage is logged once
+when it starts and once when it ends; `on_event` reports it for metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from edgecatch.policies.limits import MemoryLimiter, Windows
+
+__all__ = ["LimiterEvent", "RedisLimiter", "build_limiter", "redact_url", "scale_windows"]
+
+log = logging.getLogger("edgecatch.limits")
+
+LimiterEvent = Literal["available", "unavailable", "fail_open", "fail_closed"]
+"""What `on_event` receives: the shared limiter answered for the first time or again ("available"),
+stopped answering ("unavailable", once per outage), or one decision was taken without it, by the
+declared behaviour ("fail_open" / "fail_closed")."""
+
+# KEYS: one sorted set per budget. ARGV[1]: now in ms, ARGV[2]: a member unique in the fleet,
+# then for each KEYS[i]: ARGV[1 + 2i] its window in ms, ARGV[2 + 2i] its budget.
+# Every check happens before any write, so a refusal charges nothing.
+SCRIPT = """
+local now = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - tonumber(ARGV[1 + 2 * i]))
+  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[2 + 2 * i]) then
+    return 0
+  end
+end
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1 + 2 * i]) + 1000)
+end
+return 1
+"""
+
+_Plan = tuple[tuple[str, ...], tuple[int, ...], bool]
+"""Keys, their (window ms, budget) arguments, and whether some budget is 0 (refused without asking)."""
+
+# Limiters to repair in a forked child (new locks, a new member prefix, no probe thread).
+_instances: weakref.WeakSet[RedisLimiter] = weakref.WeakSet()
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by `***`: what logs and errors may show."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def scale_windows(windows: Windows, replicas: int) -> Windows:
+    """Each budget divided by `replicas`, rounded down but at least 1 when the budget is above 0."""
+    return tuple((seconds, max(1, budget // replicas) if budget > 0 else 0) for seconds, budget in windows)
+
+
+class RedisLimiter:
+    """A `Limiter` whose budgets are shared by every process using the same Redis and fleet name."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        fleet: str = "default",
+        on_unavailable: Literal["fail_open", "fail_closed"] = "fail_open",
+        expected_replicas: int = 1,
+        timeout_ms: float = 20.0,
+        retry_seconds: float = 5.0,
+        on_event: Callable[[LimiterEvent], None] | None = None,
+    ) -> None:
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:  # pragma: no cover - depends on the installation
+            raise ImportError(
+                "the Redis limiter backend needs the redis client: pip install 'edgecatch[redis]'") from None
+        if on_unavailable not in ("fail_open", "fail_closed"):
+            raise ValueError(f"on_unavailable must be fail_open or fail_closed, not {on_unavailable!r}")
+        if expected_replicas < 1:
+            raise ValueError("expected_replicas must be at least 1")
+        self.where = redact_url(url)
+        self.fleet = fleet
+        self.on_unavailable = on_unavailable
+        self.expected_replicas = expected_replicas
+        self.retry_seconds = retry_seconds
+        timeout = timeout_ms / 1000.0
+        # No retries inside the client: one attempt per decision, bounded by the socket timeouts.
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+            health_check_interval=0)
+        self._script = self._client.register_script(SCRIPT)  # EVALSHA, EVAL on NOSCRIPT
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._prefix = f"edgecatch:{{{fleet}}}:"
+        self._plans: dict[tuple[str, Windows, Windows], _Plan] = {}
+        self._scaled: dict[Windows, Windows] = {}
+        self._fallback = MemoryLimiter()
+        self._on_event = on_event
+        self._closed = threading.Event()
+        self._reset_process_state()
+        _instances.add(self)
+
+    def _reset_process_state(self) -> None:
+        """What one process must not share with another it was forked from."""
+        self._lock = threading.Lock()
+        # Unique members: a random prefix per process and a counter (next() on it is atomic).
+        self._member_prefix = f"{os.getpid():x}.{os.urandom(6).hex()}:"
+        self._sequence = itertools.count()
+        self._available = True
+        self._announced = False
+        self._down_since = 0.0
+        self._local_decisions = 0
+        self._probe: threading.Thread | None = None
+
+    # -- the request path ----------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        """False during an outage (decisions are then taken locally)."""
+        return self._available
+
+    def acquire(self, policy: str, policy_windows: Windows, global_windows: Windows, now: float) -> bool:
+        if not policy_windows and not global_windows:
+            return True
+        if self._available:
+            key = (policy, policy_windows, global_windows)
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plan(key)
+            keys, args, refused = plan
+            if refused:
+                return False
+            try:
+                granted = self._script(
+                    keys=keys, args=(int(now * 1000), self._member_prefix + str(next(self._sequence)), *args))
+            except self._errors as exc:
+                self._went_down(exc)
+            else:
+                if not self._announced:
+                    self._announced = True
+                    self._emit("available")
+                return granted == 1
+        return self._decide_locally(policy, policy_windows, global_windows, now)
+
+    def _plan(self, key: tuple[str, Windows, Windows]) -> _Plan:
+        policy, policy_windows, global_windows = key
+        keys: list[str] = []
+        args: list[int] = []
+        for scope, windows in ((f"p:{policy}:", policy_windows), ("g:", global_windows)):
+            for seconds, budget in windows:
+                keys.append(f"{self._prefix}{scope}{seconds:g}")
+                args += (round(seconds * 1000), budget)
+        plan = (tuple(keys), tuple(args), any(budget <= 0 for _, budget in policy_windows + global_windows))
+        if len(self._plans) < 10_000:  # policies are few; reloads may add some
+            self._plans[key] = plan
+        return plan
+
+    def _decide_locally(self, policy: str, policy_windows: Windows, global_windows: Windows, now: float) -> bool:
+        self._local_decisions += 1  # for the recovery log line only: an approximate count is fine
+        self._emit(self.on_unavailable)
+        if self.on_unavailable == "fail_closed":
+            return False
+        return self._fallback.acquire(
+            policy, self._scale(policy_windows), self._scale(global_windows), now)
+
+    def _scale(self, windows: Windows) -> Windows:
+        scaled = self._scaled.get(windows)
+        if scaled is None:
+            scaled = scale_windows(windows, self.expected_replicas)
+            if len(self._scaled) < 10_000:
+                self._scaled[windows] = scaled
+        return scaled
+
+    def _emit(self, event: LimiterEvent) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # metrics must never break a decision
+                log.exception("limiter event listener failed")
+
+    # -- outages -------------------------------------------------------------------------------
+
+    def _went_down(self, exc: BaseException) -> None:
+        with self._lock:
+            if not self._available or self._closed.is_set():
+                return
+            self._available = False
+            self._down_since = time.monotonic()
+            self._local_decisions = 0
+            probe = self._probe = threading.Thread(
+                target=self._probe_until_back, name="edgecatch-limiter-probe", daemon=True)
+        if self.on_unavailable == "fail_open":
+            behaviour = (f"fail_open: local budgets divided by {self.expected_replicas}"
+                         f" (expected_replicas) until it answers")
+        else:
+            behaviour = "fail_closed: nothing with a limit is selected until it answers"
+        log.warning("shared limiter unavailable (Redis at %s, fleet %r): %s: %s; %s; retrying every %g s",
+                    self.where, self.fleet, type(exc).__name__, exc, behaviour, self.retry_seconds)
+        self._emit("unavailable")
+        probe.start()
+
+    def _probe_until_back(self) -> None:
+        """Off the request path: try the script every retry_seconds until Redis answers."""
+        while not self._closed.wait(self.retry_seconds):
+            try:
+                self._script(keys=(), args=(0, ""))  # no keys: a round trip that also loads the script
+            except self._errors:
+                continue
+            log.warning("shared limiter available again (Redis at %s, fleet %r) after %.1f s; "
+                        "%d decisions were taken locally (%s)", self.where, self.fleet,
+                        time.monotonic() - self._down_since, self._local_decisions, self.on_unavailable)
+            self._announced = True
+            self._emit("available")
+            with self._lock:
+                if self._probe is threading.current_thread():
+                    self._available = True  # the request path uses Redis again from here on
+                    self._probe = None
+            return
+
+    def close(self) -> None:
+        """Stop the probe thread and close the connections."""
+        self._closed.set()
+        probe = self._probe
+        if probe is not None and probe is not threading.current_thread() and probe.is_alive():
+            probe.join(timeout=max(1.0, self.retry_seconds))
+        self._client.close()
+
+    # -- introspection (tests, tools) -----------------------------------------------------------
+
+    def used(self, policy: str | None, seconds: float, now: float) -> int:
+        """Selections charged in Redis within the last `seconds` (policy None: the global budget)."""
+        scope = f"p:{policy}:" if policy else "g:"
+        key = f"{self._prefix}{scope}{seconds:g}"
+        now_ms = int(now * 1000)
+        return int(self._client.zcount(key, f"({now_ms - round(seconds * 1000)}", "+inf"))
+
+    def __repr__(self) -> str:
+        return f"RedisLimiter({self.where!r}, fleet={self.fleet!r}, on_unavailable={self.on_unavailable!r})"
+
+
+def _after_fork_in_child() -> None:
+    for limiter in list(_instances):
+        limiter._reset_process_state()  # redis-py's pool notices the new pid and reconnects itself
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def build_limiter(config: Any, on_event: Callable[[LimiterEvent], None] | None = None) -> Any:
+    """The limiter a `LimitsConfig` asks for: a `MemoryLimiter`, or a `RedisLimiter` for a redis URL."""
+    backend = config.resolved_backend()
+    if backend == "memory":
+        return MemoryLimiter()
+    return RedisLimiter(
+        backend, fleet=config.fleet, on_unavailable=config.on_unavailable,
+        expected_replicas=config.expected_replicas, timeout_ms=config.timeout_ms,
+        retry_seconds=config.retry_seconds, on_event=on_event)

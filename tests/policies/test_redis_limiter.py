@@ -1,0 +1,418 @@
+"""The Redis limiter against a real redis-server: semantics, atomicity, fleets, outages, recovery.
+
+Every test starts its own redis-server on a free loopback port (tests/redis_server.py) and kills it
+at the end. Windows roll with controlled `now` values, never by sleeping through them; the only
+waits are bounded polls for a background recovery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edgecatch.config import EdgecatchConfig, LimitsConfig
+from edgecatch.policies import MemoryLimiter
+from edgecatch.policies.load import ConfigError, load_model_text
+from edgecatch.policies.redis_limiter import RedisLimiter, build_limiter, redact_url, scale_windows
+from tests.redis_server import RedisServer
+
+pytest.importorskip("redis")
+
+REPO = Path(__file__).resolve().parents[2]
+T0 = 1_795_132_800.0  # 2026-11-20T00:00:00Z
+MINUTE = ((60.0, 3),)
+HOUR = ((3600.0, 5),)
+
+
+@pytest.fixture
+def server(tmp_path):
+    redis_server = RedisServer(tmp_path / "redis")
+    redis_server.start()
+    yield redis_server
+    redis_server.kill()
+
+
+@pytest.fixture
+def make_limiter(server):
+    made = []
+
+    def make(url: str | None = None, **kwargs) -> RedisLimiter:
+        kwargs.setdefault("timeout_ms", 2000)  # generous: these tests are about semantics, not speed
+        limiter = RedisLimiter(url or server.url, **kwargs)
+        made.append(limiter)
+        return limiter
+
+    yield make
+    for limiter in made:
+        limiter.close()
+
+
+def wait_until(predicate, timeout: float = 20.0) -> None:
+    """A bounded poll for something a background thread does (a liveness bound, not a timing claim)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached within the liveness bound")
+        time.sleep(0.01)
+
+
+# -- semantics --------------------------------------------------------------------------------
+
+
+def test_windows_roll_with_the_callers_clock(make_limiter):
+    limiter = make_limiter()
+    assert [limiter.acquire("p", MINUTE, (), T0 + i) for i in range(4)] == [True, True, True, False]
+    assert limiter.acquire("p", MINUTE, (), T0 + 59.999) is False
+    assert limiter.acquire("p", MINUTE, (), T0 + 60) is True  # the selection at T0 left the window
+    assert limiter.acquire("p", MINUTE, (), T0 + 60.5) is False  # T0+1 and T0+2 are still inside
+    assert limiter.acquire("p", MINUTE, (), T0 + 62) is True
+    assert limiter.used("p", 60.0, T0 + 62) == 2  # T0+60 and T0+62
+
+
+def test_decisions_are_exactly_those_of_the_memory_limiter(make_limiter):
+    # A random schedule of matches over three hours, two policies with minute and hour budgets and a
+    # global budget: the shared limiter must decide exactly as the single-process one does.
+    redis_limiter = make_limiter()
+    memory = MemoryLimiter()
+    windows = {"a": ((60.0, 3), (3600.0, 20)), "b": ((60.0, 2),)}
+    global_windows = ((3600.0, 30), (600.0, 8))
+    rng = random.Random(5)
+    now = T0
+    decisions = []
+    for _ in range(1500):
+        now += rng.choice([0.001, 0.5, 3.0, 7.0, 20.0])
+        now = round(now, 3)  # Redis keeps milliseconds
+        policy = rng.choice("ab")
+        expected = memory.acquire(policy, windows[policy], global_windows, now)
+        assert redis_limiter.acquire(policy, windows[policy], global_windows, now) is expected
+        decisions.append(expected)
+    assert decisions.count(True) > 50 and decisions.count(False) > 50  # both outcomes exercised
+
+
+def test_a_refusal_charges_nothing(make_limiter, server):
+    limiter = make_limiter()
+    client = server.client()
+    glob = ((3600.0, 2),)
+    assert limiter.acquire("a", HOUR, glob, T0) and limiter.acquire("a", HOUR, glob, T0 + 1)
+    # b has room, the global budget has none: b must not be charged either.
+    assert limiter.acquire("b", HOUR, glob, T0 + 2) is False
+    assert client.zcard("edgecatch:{default}:p:b:3600") == 0
+    assert client.zcard("edgecatch:{default}:g:3600") == 2
+    assert client.pttl("edgecatch:{default}:p:a:3600") > 0  # keys expire when idle
+
+
+def test_zero_budget_refuses_without_charging(make_limiter, server):
+    limiter = make_limiter()
+    assert limiter.acquire("p", ((86400.0, 0),), ((3600.0, 5),), T0) is False
+    assert server.client().keys("*") == []
+    assert limiter.acquire("p", (), (), T0) is True  # no limits: nothing to ask
+
+
+def test_two_fleets_on_one_redis_do_not_share_budgets(make_limiter, server):
+    east, west = make_limiter(fleet="east"), make_limiter(fleet="west")
+    assert [east.acquire("p", MINUTE, (), T0) for _ in range(4)] == [True, True, True, False]
+    assert [west.acquire("p", MINUTE, (), T0) for _ in range(4)] == [True, True, True, False]
+    another_east = make_limiter(fleet="east")
+    assert another_east.acquire("p", MINUTE, (), T0) is False  # the same fleet shares
+    keys = sorted(k.decode() for k in server.client().keys("*"))
+    assert keys == ["edgecatch:{east}:p:p:60", "edgecatch:{west}:p:p:60"]
+
+
+def test_the_script_is_loaded_again_after_the_server_forgets_it(make_limiter, server):
+    limiter = make_limiter()
+    assert limiter.acquire("p", MINUTE, (), T0)
+    server.client().script_flush()
+    assert limiter.acquire("p", MINUTE, (), T0 + 1)  # NOSCRIPT, then EVAL: still one decision
+    assert limiter.used("p", 60.0, T0 + 1) == 2
+    assert limiter.available
+
+
+# -- many processes -----------------------------------------------------------------------------
+
+
+def run_replicas(server: RedisServer, policy_text: str, tmp_path: Path, replicas: int, n: int,
+                 fleet: str = "default") -> list[dict]:
+    path = tmp_path / f"policies-{fleet}.yaml"
+    path.write_text(textwrap.dedent(policy_text))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "limiter_worker.py"), "--url", server.url, "--fleet", fleet,
+             "--policies", str(path), "--n", str(n)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(replicas)]
+    try:
+        for process in processes:
+            assert process.stdout.readline().strip() == "ready"
+        for process in processes:  # all start together
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        results = [json.loads(process.stdout.readline()) for process in processes]
+        for process in processes:
+            assert process.wait(timeout=120) == 0
+        return results
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+
+
+FLEET_POLICY = """
+version: 1
+limits: {per_hour: 300}
+policies:
+  - name: a
+    confidence_below: 0.5
+    sample: 0.5
+    limits: {per_hour: 200}
+  - name: b
+    confidence_below: 0.5
+    limits: {per_hour: 200}
+"""
+
+
+def test_processes_hammering_one_budget_never_exceed_it_and_reach_it(server, tmp_path):
+    results = run_replicas(server, FLEET_POLICY, tmp_path, replicas=4, n=250)
+    a = sum(r["selected"].get("a", 0) for r in results)
+    b = sum(r["selected"].get("b", 0) for r in results)
+    # 1000 matches against a global budget of 300 within one hour: exactly 300 selected, none over.
+    assert a + b == 300
+    assert a <= 200 and b <= 200
+    assert all(r["events"] == {"available": 1} for r in results)  # every decision went to Redis
+    # Atomicity: every budget holds exactly the selections granted, no half-charged decision.
+    client = server.client()
+    assert client.zcard("edgecatch:{default}:g:3600") == 300
+    assert client.zcard("edgecatch:{default}:p:a:3600") == a
+    assert client.zcard("edgecatch:{default}:p:b:3600") == b
+
+
+def test_threads_sharing_one_limiter_are_atomic_too(make_limiter, server):
+    limiter = make_limiter()
+    granted = []
+    start = threading.Barrier(8)
+
+    def hammer(policy: str) -> None:
+        start.wait()
+        granted.extend(policy for _ in range(100) if limiter.acquire(policy, HOUR, ((3600.0, 7),), T0))
+
+    threads = [threading.Thread(target=hammer, args=("ab"[i % 2],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(granted) == 7 and granted.count("a") <= 5 and granted.count("b") <= 5
+    assert server.client().zcard("edgecatch:{default}:g:3600") == 7
+
+
+def test_two_fleets_of_processes_each_get_their_own_budget(server, tmp_path):
+    east = run_replicas(server, FLEET_POLICY, tmp_path, replicas=2, n=250, fleet="east")
+    west = run_replicas(server, FLEET_POLICY, tmp_path, replicas=2, n=250, fleet="west")
+    for fleet in (east, west):
+        assert sum(sum(r["selected"].values()) for r in fleet) == 300
+
+
+# -- outages ------------------------------------------------------------------------------------
+
+
+def test_redis_killed_fail_open_uses_scaled_local_budgets_then_recovers(tmp_path, caplog):
+    server = RedisServer(tmp_path / "redis", password="s3cret-pw")
+    server.start()
+    events = []
+    limiter = RedisLimiter(server.url, on_unavailable="fail_open", expected_replicas=4, timeout_ms=500,
+                           retry_seconds=0.1, on_event=events.append)
+    budget = ((3600.0, 100),)
+    try:
+        caplog.set_level(logging.INFO, logger="edgecatch.limits")
+        assert sum(limiter.acquire("p", budget, (), T0 + i * 0.001) for i in range(10)) == 10
+        server.kill()
+        # Down: decisions are local, the budget divided by the 4 expected replicas: 25 of 100.
+        assert sum(limiter.acquire("p", budget, (), T0 + 1 + i * 0.001) for i in range(100)) == 25
+        assert not limiter.available
+        assert events[:2] == ["available", "unavailable"] and events[2:] == ["fail_open"] * 100
+        server.start()  # same port, empty: like a replacement
+        wait_until(lambda: limiter.available)
+        assert events[-1] == "available" and events.count("unavailable") == 1  # the recovery, announced
+        events.clear()
+        assert sum(limiter.acquire("p", budget, (), T0 + 2 + i * 0.001) for i in range(150)) == 100
+        assert events == []  # every decision went to Redis again
+        assert limiter.used("p", 3600.0, T0 + 3) == 100
+    finally:
+        limiter.close()
+        server.kill()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "edgecatch.limits"]
+    assert len(warnings) == 2  # once when the outage starts, once when it ends
+    assert "unavailable" in warnings[0] and "fail_open" in warnings[0]
+    assert "available again" in warnings[1] and "100 decisions were taken locally" in warnings[1]
+    assert all("s3cret-pw" not in text for text in warnings)
+    assert "redis://:***@127.0.0.1" in warnings[0]
+
+
+def test_redis_killed_fail_closed_selects_nothing_then_recovers(server, make_limiter):
+    events = []
+    limiter = make_limiter(on_unavailable="fail_closed", retry_seconds=0.1, on_event=events.append)
+    assert limiter.acquire("p", MINUTE, (), T0)
+    server.kill()
+    assert [limiter.acquire("p", MINUTE, (), T0 + 1 + i) for i in range(5)] == [False] * 5
+    assert limiter.acquire("p", (), (), T0 + 7) is True  # a policy without limits is not refused
+    assert events.count("unavailable") == 1 and events.count("fail_closed") == 5
+    server.start()
+    wait_until(lambda: limiter.available)
+    assert limiter.acquire("p", MINUTE, (), T0 + 10)
+
+
+class Blackhole:
+    """A TCP server that accepts and reads but never answers: a Redis that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.received = 0
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._conns.append(conn)
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+
+    def _drain(self, conn: socket.socket) -> None:
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.received += len(data)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self._conns:
+            conn.close()
+
+
+def test_a_hanging_redis_costs_one_timeout_then_is_not_asked_until_the_retry():
+    blackhole = Blackhole()
+    limiter = RedisLimiter(f"redis://127.0.0.1:{blackhole.port}/0", timeout_ms=50, retry_seconds=3600)
+    try:
+        first: list[bool] = []
+        caller = threading.Thread(target=lambda: first.append(limiter.acquire("p", MINUTE, (), T0)))
+        caller.start()
+        caller.join(timeout=30)  # liveness: without the socket timeout this call never returns
+        assert not caller.is_alive() and first == [True]  # fail_open: the local budget had room
+        assert not limiter.available
+        sent = blackhole.received
+        assert blackhole.connections == 1 and sent > 0
+        # The circuit is open: the next thousand decisions never touch the network.
+        results = [limiter.acquire("p", MINUTE, (), T0 + 1) for _ in range(1000)]
+        assert results.count(True) == 2  # the local per-minute budget of 3, one spent above
+        assert blackhole.connections == 1 and blackhole.received == sent
+    finally:
+        limiter.close()
+        blackhole.close()
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def test_scaled_budgets_round_down_but_keep_at_least_one():
+    assert scale_windows(((60.0, 10), (3600.0, 3), (86400.0, 0)), 4) == ((60.0, 2), (3600.0, 1), (86400.0, 0))
+
+
+def test_limits_config_validates_and_never_shows_a_password():
+    text = "limits: {backend: 'http://user:hunter2@example:6379', fleet: 'a b'}\n"
+    with pytest.raises(ConfigError) as error:
+        load_model_text(EdgecatchConfig, text, "edgecatch.yaml")
+    message = str(error.value)
+    assert "edgecatch.yaml:1: limits.backend: " in message and "limits.fleet" in message
+    assert "hunter2" not in message
+    config = LimitsConfig(backend="redis://:hunter2@10.0.0.1:6379/0")
+    assert "hunter2" not in repr(config) and "hunter2" not in repr(EdgecatchConfig(limits=config))
+    assert redact_url("redis://user:hunter2@h:6379/1") == "redis://user:***@h:6379/1"
+    assert redact_url("redis://h:6379/1") == "redis://h:6379/1"
+    with pytest.raises(ConfigError):
+        load_model_text(EdgecatchConfig, "limits: {on_unavailable: fail_maybe}\n", "e.yaml")
+
+
+def test_build_limiter_follows_the_config(server, monkeypatch):
+    assert isinstance(build_limiter(LimitsConfig()), MemoryLimiter)
+    limiter = build_limiter(LimitsConfig(backend=server.url, fleet="f1", on_unavailable="fail_closed",
+                                         expected_replicas=3, timeout_ms=15, retry_seconds=2))
+    try:
+        assert isinstance(limiter, RedisLimiter)
+        assert (limiter.fleet, limiter.on_unavailable, limiter.expected_replicas) == ("f1", "fail_closed", 3)
+        assert limiter.acquire("p", MINUTE, (), T0)
+        assert server.client().keys("*") == [b"edgecatch:{f1}:p:p:60"]
+    finally:
+        limiter.close()
+    monkeypatch.setenv("EDGECATCH_TEST_REDIS", server.url)
+    from_env = build_limiter(LimitsConfig(backend_env="EDGECATCH_TEST_REDIS"))
+    try:
+        assert isinstance(from_env, RedisLimiter) and from_env.acquire("p", MINUTE, (), T0)
+    finally:
+        from_env.close()
+
+
+class _NoDelivery:
+    def submit(self, *args) -> bool:
+        return True
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout=None) -> None: ...
+
+
+def test_collector_uses_the_configured_backend_and_counts_outages(server, tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from edgecatch.collector import Collector
+    from edgecatch.metrics import Metrics
+    from edgecatch.observation import Detection, Observation
+
+    policies = tmp_path / "policies.yaml"
+    policies.write_text("version: 1\npolicies:\n  - name: low\n    confidence_below: 0.5\n"
+                        "    limits: {per_hour: 100}\n")
+    config = EdgecatchConfig.model_validate({
+        "policies": str(policies), "delivery": {"spool_dir": str(tmp_path / "spool")},
+        "limits": {"backend": server.url, "fleet": "shop", "on_unavailable": "fail_closed",
+                   "retry_seconds": 0.1, "timeout_ms": 1000}})
+    registry = CollectorRegistry()
+    collector = Collector(config, metrics=Metrics(registry), delivery=_NoDelivery())
+    value = registry.get_sample_value
+    observation = Observation(model="m", detections=(Detection("box", 0.3, (0.0, 0.0, 1.0, 1.0), 0),),
+                              timestamp=T0)
+    try:
+        assert isinstance(collector.limiter, RedisLimiter)
+        assert collector.observe(observation, b"jpeg").selected
+        assert server.client().zcard("edgecatch:{shop}:p:low:3600") == 1
+        assert value("edgecatch_limiter_available") == 1
+        server.kill()
+        decision = collector.observe(observation, b"jpeg")
+        assert not decision.selected and decision.limited == ("low",)
+        assert value("edgecatch_limiter_available") == 0
+        assert value("edgecatch_limiter_outages_total") == 1
+        assert value("edgecatch_limiter_unavailable_total", {"behaviour": "fail_closed"}) == 1
+        assert value("edgecatch_limited_total", {"policy": "low"}) == 1
+        server.start()
+        wait_until(lambda: collector.limiter.available)
+        assert value("edgecatch_limiter_available") == 1
+        assert collector.observe(observation, b"jpeg").selected
+    finally:
+        collector.limiter.close()
