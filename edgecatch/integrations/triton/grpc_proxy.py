@@ -217,13 +217,16 @@ class _Handler(grpc.GenericRpcHandler):
         proxy = self.proxy
         kind = _STREAMING.get(method, "unary_unary")
         if kind == "stream_stream":
-            def stream_stream(requests, context):
-                return proxy.stream_stream(method, requests, context)
+            # grpc.aio serves a streaming handler only if it *is* an async generator function.
+            async def stream_stream(requests, context):
+                async for response in proxy.stream_stream(method, requests, context):
+                    yield response
 
             return grpc.stream_stream_rpc_method_handler(stream_stream, _identity, _identity)
         if kind == "unary_stream":
-            def unary_stream(request, context):
-                return proxy.unary_stream(method, request, context)
+            async def unary_stream(request, context):
+                async for response in proxy.unary_stream(method, request, context):
+                    yield response
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, _identity, _identity)
 
