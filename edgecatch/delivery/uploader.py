@@ -121,7 +121,8 @@ class Uploader:
             return 0.0
         if now < self._not_before:
             return self._not_before - now
-        return self.windows.seconds_until_open()
+        # Outside a window: look again now and then (the clock may be adjusted, windows are coarse).
+        return min(self.windows.seconds_until_open(), 30 * self.config.poll_seconds)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake early for a stop or drain (capped so window/pause changes are noticed)."""
