@@ -138,9 +138,11 @@ class PolicySet:
             now = self._clock()
         matched: list[str] | None = None
         reasons: dict[str, str] = {}
-        selected: str | None = None
-        limited: list[str] = []
-        sampled_out: list[str] = []
+        # Policies that held and passed their sample draw, in order, with their place in `matched`:
+        # the limiter tries them all in one call (one round trip for a shared limiter).
+        candidates: list[tuple[int, _CompiledPolicy]] = []
+        sampled_out: list[tuple[int, str]] = []
+        settled = False  # a candidate without limits of its own: no later policy could select
         model = observation.model
         # Feedback policies see only feedback events with their verdict; the others never see them.
         verdict = observation.feedback.value if observation.feedback is not None else None
@@ -156,23 +158,34 @@ class PolicySet:
                 matched = []
             matched.append(policy.name)
             reasons[policy.name] = reason
-            if selected is not None:
+            if settled:
                 continue
             if policy.sample < 1.0 and self._random() >= policy.sample:
-                sampled_out.append(policy.name)
+                sampled_out.append((len(matched), policy.name))
                 continue
-            if self.state.limiter.acquire(policy.name, policy.windows, self._global_windows, now):
-                selected = policy.name
-            else:
-                limited.append(policy.name)
+            candidates.append((len(matched), policy))
+            settled = not policy.windows
         if matched is None:
             return NOT_SELECTED
+        selected: str | None = None
+        limited: tuple[str, ...] = ()
+        if candidates:
+            index = self.state.limiter.acquire_first(
+                [(policy.name, policy.windows) for _, policy in candidates], self._global_windows, now)
+            if index >= 0:
+                place, chosen = candidates[index]
+                selected = chosen.name
+                limited = tuple(policy.name for _, policy in candidates[:index])
+                # Policies after the selected one only explain the decision: their draws do not count.
+                sampled_out = [entry for entry in sampled_out if entry[0] < place]
+            else:
+                limited = tuple(policy.name for _, policy in candidates)
         return Decision(
             selected=selected is not None,
             policy=selected,
             matched=tuple(matched),
-            limited=tuple(limited),
-            sampled_out=tuple(sampled_out),
+            limited=limited,
+            sampled_out=tuple(name for _, name in sampled_out),
             tags=self._tags(matched),
             reasons=reasons,
             batch=self._batch(model, now) if selected is not None else "",

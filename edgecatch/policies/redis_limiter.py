@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from edgecatch.policies.limits import MemoryLimiter, Windows
+from edgecatch.policies.limits import Candidates, MemoryLimiter, Windows
 
 __all__ = ["LimiterEvent", "RedisLimiter", "build_limiter", "redact_url", "scale_windows"]
 
@@ -43,26 +43,58 @@ LimiterEvent = Literal["available", "unavailable", "fail_open", "fail_closed"]
 stopped answering ("unavailable", once per outage), or one decision was taken without it, by the
 declared behaviour ("fail_open" / "fail_closed")."""
 
-# KEYS: one sorted set per budget. ARGV[1]: now in ms, ARGV[2]: a member unique in the fleet,
-# then for each KEYS[i]: ARGV[1 + 2i] its window in ms, ARGV[2 + 2i] its budget.
-# Every check happens before any write, so a refusal charges nothing.
+# One decision for one or more candidate policies, tried in order (the first with room is charged).
+# KEYS: the global budgets' sorted sets, then each candidate's. ARGV: now in ms, a member unique in the
+# fleet, the number of global keys G, the number of candidates C; then (window ms, budget) for each
+# global key; then for each candidate its number of keys N and (window ms, budget) for each.
+# Every budget is checked before anything is written, so a refusal charges nothing. Returns the
+# 0-based index of the candidate charged, or -1.
 SCRIPT = """
 local now = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - tonumber(ARGV[1 + 2 * i]))
-  if redis.call('ZCARD', KEYS[i]) >= tonumber(ARGV[2 + 2 * i]) then
-    return 0
+local member = ARGV[2]
+local g = tonumber(ARGV[3])
+local c = tonumber(ARGV[4])
+local function has_room(key, window, budget)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  return redis.call('ZCARD', key) < budget
+end
+local function charge(first_key, count, first_arg)
+  for i = 0, count - 1 do
+    redis.call('ZADD', KEYS[first_key + i], now, member)
+    redis.call('PEXPIRE', KEYS[first_key + i], tonumber(ARGV[first_arg + 2 * i]) + 1000)
   end
 end
-for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], now, ARGV[2])
-  redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[1 + 2 * i]) + 1000)
+local a = 5
+for i = 1, g do
+  if not has_room(KEYS[i], tonumber(ARGV[a]), tonumber(ARGV[a + 1])) then
+    return -1
+  end
+  a = a + 2
 end
-return 1
+local k = g + 1
+for j = 1, c do
+  local n = tonumber(ARGV[a])
+  local first_arg = a + 1
+  local room = true
+  for i = 0, n - 1 do
+    if room and not has_room(KEYS[k + i], tonumber(ARGV[first_arg + 2 * i]), tonumber(ARGV[first_arg + 2 * i + 1])) then
+      room = false
+    end
+  end
+  if room then
+    charge(1, g, 5)
+    charge(k, n, first_arg)
+    return j - 1
+  end
+  k = k + n
+  a = first_arg + 2 * n
+end
+return -1
 """
 
-_Plan = tuple[tuple[str, ...], tuple[int, ...], bool]
-"""Keys, their (window ms, budget) arguments, and whether some budget is 0 (refused without asking)."""
+_Plan = tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]
+"""Keys, the script's arguments after the member, and the candidates actually sent (indexes into the
+caller's list: one with a budget of 0 is refused without asking)."""
 
 # Limiters to repair in a forked child (new locks, a new member prefix, no probe thread).
 _instances: weakref.WeakSet[RedisLimiter] = weakref.WeakSet()
@@ -155,46 +187,62 @@ class RedisLimiter:
     def acquire(self, policy: str, policy_windows: Windows, global_windows: Windows, now: float) -> bool:
         if not policy_windows and not global_windows:
             return True
+        return self.acquire_first(((policy, policy_windows),), global_windows, now) == 0
+
+    def acquire_first(self, candidates: Candidates, global_windows: Windows, now: float) -> int:
         if self._available:
-            key = (policy, policy_windows, global_windows)
+            key = (tuple(candidates), global_windows)
             plan = self._plans.get(key)
             if plan is None:
                 plan = self._plan(key)
-            keys, args, refused = plan
-            if refused:
-                return False
+            keys, args, sent = plan
+            if not keys:  # nothing to ask: no candidate, or the first one has no limits at all
+                return sent[0] if sent else -1
             try:
-                granted = self._script(
-                    keys=keys, args=(int(now * 1000), self._member_prefix + str(next(self._sequence)), *args))
+                index = self._script(keys=keys, args=(
+                    int(now * 1000), self._member_prefix + str(next(self._sequence)), *args))
             except self._errors as exc:
                 self._went_down(exc)
             else:
                 if not self._announced:
                     self._announced = True
                     self._emit("available")
-                return granted == 1
-        return self._decide_locally(policy, policy_windows, global_windows, now)
+                return sent[index] if index >= 0 else -1
+        return self._decide_locally(candidates, global_windows, now)
 
-    def _plan(self, key: tuple[str, Windows, Windows]) -> _Plan:
-        policy, policy_windows, global_windows = key
-        keys: list[str] = []
-        args: list[int] = []
-        for scope, windows in ((f"p:{policy}:", policy_windows), ("g:", global_windows)):
-            for seconds, budget in windows:
-                keys.append(f"{self._prefix}{scope}{seconds:g}")
-                args += (round(seconds * 1000), budget)
-        plan = (tuple(keys), tuple(args), any(budget <= 0 for _, budget in policy_windows + global_windows))
+    def _plan(self, key: tuple[Candidates, Windows]) -> _Plan:
+        candidates, global_windows = key
+        keys = [f"{self._prefix}g:{seconds:g}" for seconds, _ in global_windows]
+        args = [len(global_windows), 0]
+        for seconds, budget in global_windows:
+            args += (round(seconds * 1000), budget)
+        sent = []
+        if all(budget > 0 for _, budget in global_windows):
+            for index, (policy, windows) in enumerate(candidates):
+                if any(budget <= 0 for _, budget in windows):
+                    continue  # refused whatever Redis holds
+                sent.append(index)
+                keys += [f"{self._prefix}p:{policy}:{seconds:g}" for seconds, _ in windows]
+                args.append(len(windows))
+                for seconds, budget in windows:
+                    args += (round(seconds * 1000), budget)
+                if not windows:
+                    break  # only the global budgets can refuse it, and they would refuse the rest too
+        args[1] = len(sent)
+        plan = (tuple(keys), tuple(args), tuple(sent))
         if len(self._plans) < 10_000:  # policies are few; reloads may add some
             self._plans[key] = plan
         return plan
 
-    def _decide_locally(self, policy: str, policy_windows: Windows, global_windows: Windows, now: float) -> bool:
+    def _decide_locally(self, candidates: Candidates, global_windows: Windows, now: float) -> int:
         self._local_decisions += 1  # for the recovery log line only: an approximate count is fine
         self._emit(self.on_unavailable)
         if self.on_unavailable == "fail_closed":
-            return False
-        return self._fallback.acquire(
-            policy, self._scale(policy_windows), self._scale(global_windows), now)
+            if not global_windows:  # a policy without limits is not refused
+                return next((i for i, (_, windows) in enumerate(candidates) if not windows), -1)
+            return -1
+        scaled = [(policy, self._scale(windows)) for policy, windows in candidates]
+        return self._fallback.acquire_first(scaled, self._scale(global_windows), now)
 
     def _scale(self, windows: Windows) -> Windows:
         scaled = self._scaled.get(windows)
@@ -236,7 +284,7 @@ class RedisLimiter:
         """Off the request path: try the script every retry_seconds until Redis answers."""
         while not self._closed.wait(self.retry_seconds):
             try:
-                self._script(keys=(), args=(0, ""))  # no keys: a round trip that also loads the script
+                self._script(keys=(), args=(0, "", 0, 0))  # no keys: a round trip that also loads the script
             except self._errors:
                 continue
             log.warning("shared limiter available again (Redis at %s, fleet %r) after %.1f s; "

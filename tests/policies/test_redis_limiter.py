@@ -99,6 +99,56 @@ def test_decisions_are_exactly_those_of_the_memory_limiter(make_limiter):
     assert decisions.count(True) > 50 and decisions.count(False) > 50  # both outcomes exercised
 
 
+def test_several_candidates_decide_as_the_memory_limiter_in_order(make_limiter):
+    redis_limiter = make_limiter()
+    memory = MemoryLimiter()
+    windows = {"a": ((60.0, 2),), "b": ((60.0, 3), (3600.0, 10)), "c": ((600.0, 4),), "z": ((60.0, 0),),
+               "free": ()}
+    rng = random.Random(11)
+    now = T0
+    seen = set()
+    for _ in range(1500):
+        now = round(now + rng.choice([0.001, 1.0, 5.0, 30.0]), 3)
+        names = rng.sample(sorted(windows), rng.randint(1, 4))
+        candidates = [(name, windows[name]) for name in names]
+        global_windows = rng.choice([(), ((3600.0, 40),)])
+        expected = memory.acquire_first(candidates, global_windows, now)
+        assert redis_limiter.acquire_first(candidates, global_windows, now) == expected, (names, now)
+        seen.add(expected)
+    assert seen == {-1, 0, 1, 2, 3}
+
+
+def evalsha_calls(server: RedisServer) -> int:
+    stats = server.client().info("commandstats")
+    return stats.get("cmdstat_evalsha", {}).get("calls", 0) + stats.get("cmdstat_eval", {}).get("calls", 0)
+
+
+def test_one_round_trip_per_matched_prediction_whatever_the_number_of_policies(make_limiter, server):
+    from edgecatch.observation import Detection, Observation
+    from edgecatch.policies import EngineState, PolicySet, load_policy_text
+
+    document = load_policy_text(textwrap.dedent("""
+        version: 1
+        limits: {per_day: 100}
+        policies:
+          - {name: first, confidence_below: 0.5, limits: {per_hour: 1}}
+          - {name: second, confidence_below: 0.6, limits: {per_hour: 1}}
+          - {name: third, confidence_below: 0.7, limits: {per_hour: 2}}
+          - {name: never, confidence_above: 0.99}
+    """), "t.yaml")
+    policies = PolicySet(document, state=EngineState(limiter=make_limiter()))
+    low = Observation(model="m", detections=(Detection("box", 0.3, (0.0, 0.0, 1.0, 1.0), 0),))
+    high = Observation(model="m", detections=(Detection("box", 0.9, (0.0, 0.0, 1.0, 1.0), 0),))
+    decisions = [policies.evaluate(low, now=T0)]
+    before = evalsha_calls(server)  # the first call also loaded the script (NOSCRIPT, then load)
+    decisions += [policies.evaluate(low, now=T0 + i) for i in range(1, 6)]
+    assert [d.policy for d in decisions] == ["first", "second", "third", "third", None, None]
+    assert decisions[2].limited == ("first", "second") and decisions[4].limited == ("first", "second", "third")
+    for _ in range(50):
+        assert not policies.evaluate(high, now=T0 + 10).matched  # no policy holds: Redis is not asked
+    assert evalsha_calls(server) - before == 5  # one per matched prediction
+
+
 def test_a_refusal_charges_nothing(make_limiter, server):
     limiter = make_limiter()
     client = server.client()
@@ -263,7 +313,9 @@ def test_redis_killed_fail_closed_selects_nothing_then_recovers(server, make_lim
     server.kill()
     assert [limiter.acquire("p", MINUTE, (), T0 + 1 + i) for i in range(5)] == [False] * 5
     assert limiter.acquire("p", (), (), T0 + 7) is True  # a policy without limits is not refused
-    assert events.count("unavailable") == 1 and events.count("fail_closed") == 5
+    assert limiter.acquire_first([("p", MINUTE), ("free", ())], (), T0 + 7) == 1
+    assert limiter.acquire_first([("p", MINUTE), ("free", ())], ((60.0, 5),), T0 + 7) == -1
+    assert events.count("unavailable") == 1 and events.count("fail_closed") == 7
     server.start()
     wait_until(lambda: limiter.available)
     assert limiter.acquire("p", MINUTE, (), T0 + 10)
