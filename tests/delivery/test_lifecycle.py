@@ -1,0 +1,99 @@
+"""The `Delivery` lifecycle through its synchronous face: hand-off, states, graceful stop, restart."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+from PIL import Image
+
+from edgecatch.delivery import Delivery, State
+from edgecatch.delivery.config import DeliveryConfig
+from edgecatch.observation import Detection, Observation
+from edgecatch.policies.decision import Decision
+from edgecatch.policies.schema import ImageSettings
+
+from .conftest import jpeg, open_spool, wait_for
+
+DECISION = Decision(selected=True, policy="low", tags=("low",), batch="b")
+
+
+def observation(i: int = 0) -> Observation:
+    return Observation(model="people", model_version="1", image_width=48, image_height=32,
+                       detections=(Detection("person", 0.4, (1, 2, 30, 31), 0),), inference_id=f"w1-{i:016x}")
+
+
+def test_queue_full_drops_and_counts_without_waiting(tmp_path, metrics, registry):
+    config = DeliveryConfig.model_validate({"spool_dir": str(tmp_path / "s"), "queue_size": 3})
+    delivery = Delivery(config, metrics=metrics)  # not started: nothing drains the queue
+    results = [delivery.submit(observation(i), b"img", DECISION) for i in range(5)]
+    assert results == [True, True, True, False, False]
+    assert registry.get_sample_value("edgecatch_dropped_total", {"reason": "queue_full"}) == 2
+
+
+def test_states_and_submit_after_stop(tmp_path, metrics, registry):
+    config = DeliveryConfig.model_validate({"spool_dir": str(tmp_path / "s"),
+                                            "sink": {"type": "directory", "path": str(tmp_path / "ds")}})
+    delivery = Delivery(config, metrics=metrics)
+    assert delivery.state is State.NEW
+    delivery.start()
+    delivery.start()  # idempotent
+    assert delivery.state is State.RUNNING
+    assert delivery.stop() is True
+    assert delivery.state is State.STOPPED
+    assert delivery.submit(observation(), b"img", DECISION) is False
+    assert registry.get_sample_value("edgecatch_dropped_total", {"reason": "not_running"}) == 1
+
+
+def test_every_image_kind_from_any_thread_reaches_the_destination(server, roboflow_config, metrics, registry):
+    config = roboflow_config()
+    delivery = Delivery(config, metrics=metrics)
+    delivery.start()
+    rgb = np.random.default_rng(1).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(rgb[::-1].copy()).save(png, "PNG")
+    images = [jpeg(), Image.fromarray(rgb), png.getvalue(), rgb[:, ::-1].copy()]
+
+    def submit_from_thread(i: int, image) -> None:
+        assert delivery.submit(observation(i), image, DECISION, ImageSettings(max_size=40, jpeg_quality=70))
+
+    threads = [threading.Thread(target=submit_from_thread, args=(i, image)) for i, image in enumerate(images)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert delivery.submit(observation(9), b"garbage", DECISION)  # counted as bad_image in the background
+    try:
+        wait_for(lambda: len(server.annotated()) == 4, what="four deliveries")
+        wait_for(lambda: registry.get_sample_value("edgecatch_dropped_total", {"reason": "bad_image"}) == 1,
+                 what="the bad image to be counted")
+    finally:
+        assert delivery.stop() is True
+    for stored in server.images_by_name().values():
+        image = Image.open(io.BytesIO(stored.data))
+        assert image.format == "JPEG" and image.size == (40, 27)  # 48x32 scaled to fit 40
+        assert stored.metadata["model"] == "people" and stored.params["inference_id"][0].startswith("w1-")
+
+
+def test_graceful_stop_leaves_the_rest_spooled_and_a_restart_delivers_it(server, roboflow_config, metrics):
+    config = roboflow_config(concurrency=2)
+    server.down()
+    delivery = Delivery(config, metrics=metrics)
+    delivery.start()
+    for i in range(30):
+        assert delivery.submit(observation(i), jpeg(), DECISION)
+    # The destination is down: the drain cannot finish; the deadline ends it, nothing is lost.
+    assert delivery.stop(timeout=0.5) is False
+    assert delivery.state is State.STOPPED
+    assert len(open_spool(config, metrics)) == 30
+
+    server.up()
+    again = Delivery(config, metrics=metrics)
+    again.start()
+    try:
+        wait_for(lambda: len(server.annotated()) == 30, what="delivery after the restart")
+    finally:
+        assert again.stop() is True
+    assert all(count == 1 for count in server.store.stored_names.values())
+    assert again.health()["delivery_state"] == "stopped" and again.health()["delivered"] == 30
