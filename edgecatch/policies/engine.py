@@ -170,14 +170,19 @@ class PolicySet:
         selected: str | None = None
         limited: tuple[str, ...] = ()
         if candidates:
-            index = self.state.limiter.acquire_first(
-                [(policy.name, policy.windows) for _, policy in candidates], self._global_windows, now)
+            if len(candidates) == 1:  # the common case, without building a list
+                only = candidates[0][1]
+                index = 0 if self.state.limiter.acquire(only.name, only.windows, self._global_windows, now) else -1
+            else:
+                index = self.state.limiter.acquire_first(
+                    [(policy.name, policy.windows) for _, policy in candidates], self._global_windows, now)
             if index >= 0:
                 place, chosen = candidates[index]
                 selected = chosen.name
-                limited = tuple(policy.name for _, policy in candidates[:index])
-                # Policies after the selected one only explain the decision: their draws do not count.
-                sampled_out = [entry for entry in sampled_out if entry[0] < place]
+                if index:
+                    limited = tuple(policy.name for _, policy in candidates[:index])
+                if sampled_out:  # policies after the selected one only explain: their draws do not count
+                    sampled_out = [entry for entry in sampled_out if entry[0] < place]
             else:
                 limited = tuple(policy.name for _, policy in candidates)
         return Decision(
@@ -185,7 +190,7 @@ class PolicySet:
             policy=selected,
             matched=tuple(matched),
             limited=limited,
-            sampled_out=tuple(name for _, name in sampled_out),
+            sampled_out=tuple(name for _, name in sampled_out) if sampled_out else (),
             tags=self._tags(matched),
             reasons=reasons,
             batch=self._batch(model, now) if selected is not None else "",
