@@ -16,6 +16,7 @@ __all__ = ["main"]
 SUBCOMMAND_MODULES = [
     "edgecatch.policy_cli",
     "edgecatch.integrations.triton.cli",
+    "edgecatch.delivery.cli",
 ]
 
 
