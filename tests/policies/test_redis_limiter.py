@@ -190,30 +190,55 @@ def test_the_script_is_loaded_again_after_the_server_forgets_it(make_limiter, se
 # -- many processes -----------------------------------------------------------------------------
 
 
+class Replicas:
+    """Worker processes (tests/limiter_worker.py), each its own interpreter with its own PolicySet."""
+
+    def __init__(self, server: RedisServer, policy_text: str, tmp_path: Path, replicas: int,
+                 fleet: str = "default", *options: str) -> None:
+        path = tmp_path / f"policies-{fleet}.yaml"
+        path.write_text(textwrap.dedent(policy_text))
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, str(REPO / "tests" / "limiter_worker.py"), "--url", server.url,
+                 "--fleet", fleet, "--policies", str(path), "--n", "0", *options],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(replicas)]
+        for process in self.processes:
+            assert process.stdout.readline().strip() == "ready"
+        self.command("go")  # all start together; the first command runs 0 predictions
+
+    def command(self, line: str) -> list:
+        for process in self.processes:  # sent to all before reading any: they run concurrently
+            process.stdin.write(line + "\n")
+            process.stdin.flush()
+        replies = [process.stdout.readline().strip() for process in self.processes]
+        return [json.loads(reply) if reply.startswith("{") else reply for reply in replies]
+
+    def run(self, n: int) -> list[dict]:
+        return self.command(f"run {n}")
+
+    def close(self) -> None:
+        for process in self.processes:
+            try:
+                process.stdin.write("quit\n")
+                process.stdin.close()
+                assert process.wait(timeout=60) == 0
+            finally:
+                if process.poll() is None:
+                    process.kill()
+
+
 def run_replicas(server: RedisServer, policy_text: str, tmp_path: Path, replicas: int, n: int,
                  fleet: str = "default") -> list[dict]:
-    path = tmp_path / f"policies-{fleet}.yaml"
-    path.write_text(textwrap.dedent(policy_text))
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "limiter_worker.py"), "--url", server.url, "--fleet", fleet,
-             "--policies", str(path), "--n", str(n)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        for _ in range(replicas)]
+    fleet_processes = Replicas(server, policy_text, tmp_path, replicas, fleet)
     try:
-        for process in processes:
-            assert process.stdout.readline().strip() == "ready"
-        for process in processes:  # all start together
-            process.stdin.write("go\n")
-            process.stdin.flush()
-        results = [json.loads(process.stdout.readline()) for process in processes]
-        for process in processes:
-            assert process.wait(timeout=120) == 0
-        return results
+        return fleet_processes.run(n)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
+        fleet_processes.close()
+
+
+def selected(results: list[dict]) -> int:
+    return sum(sum(r["selected"].values()) for r in results)
 
 
 FLEET_POLICY = """
@@ -267,10 +292,45 @@ def test_two_fleets_of_processes_each_get_their_own_budget(server, tmp_path):
     east = run_replicas(server, FLEET_POLICY, tmp_path, replicas=2, n=250, fleet="east")
     west = run_replicas(server, FLEET_POLICY, tmp_path, replicas=2, n=250, fleet="west")
     for fleet in (east, west):
-        assert sum(sum(r["selected"].values()) for r in fleet) == 300
+        assert selected(fleet) == 300
 
 
 # -- outages ------------------------------------------------------------------------------------
+
+
+OUTAGE_POLICY = """
+version: 1
+policies:
+  - name: low
+    confidence_below: 0.5
+    limits: {per_hour: 40}
+"""
+
+
+@pytest.mark.parametrize("behaviour", ["fail_open", "fail_closed"])
+def test_redis_killed_under_a_fleet_of_processes_then_back(server, tmp_path, behaviour):
+    fleet = Replicas(server, OUTAGE_POLICY, tmp_path, 4, "default",
+                     "--on-unavailable", behaviour, "--expected-replicas", "4")
+    try:
+        before = fleet.run(20)  # 80 matches, budget 40 for the fleet
+        assert selected(before) == 40
+        server.kill()
+        during = fleet.run(20)
+        for result in during:
+            assert result["events"].get("unavailable") == 1 and result["events"][behaviour] == 20
+        if behaviour == "fail_open":
+            # Each process falls back to 40 / 4 expected replicas = 10 of its own.
+            assert [sum(r["selected"].values()) for r in during] == [10, 10, 10, 10]
+        else:
+            assert selected(during) == 0 and all(r["limited"] == 20 for r in during)
+        server.start()  # empty, as after a crash without persistence
+        assert fleet.command("wait") == ["ok"] * 4
+        after = fleet.run(20)
+        assert selected(after) == 40  # the fleet's budget again, shared through Redis
+        assert all(behaviour not in r["events"] for r in after)
+    finally:
+        fleet.close()
+
 
 
 def test_redis_killed_fail_open_uses_scaled_local_budgets_then_recovers(tmp_path, caplog):
