@@ -81,6 +81,19 @@ def read_detections(result: Any) -> tuple[Detection, ...]:
         raise ResultFormatError(f"expected a list of detections, got {type(result).__name__}")
     detections = []
     for item in result:
+        if type(item) is dict and "class" in item and "confidence" in item and "box" in item:
+            # The common shape, read directly (this runs on the request path).
+            box = item["box"]
+            try:
+                if len(box) == 4:
+                    class_id = item.get("class_id")
+                    detections.append(Detection(
+                        str(item["class"]), float(item["confidence"]),
+                        (float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+                        int(class_id) if class_id is not None else -1))
+                    continue
+            except (TypeError, ValueError):
+                pass  # fall through to the general reader and its error messages
         name = _get(item, _CLASS)
         confidence = _get(item, _CONFIDENCE)
         if name is None or confidence is None:

@@ -1,0 +1,137 @@
+"""edgecatch's cost inside a BentoML service: the same service with edgecatch enabled vs disabled.
+
+Two services — the example detector, and a trivial one that returns fixed detections (where
+edgecatch's own cost is all that shows) — each started twice with `bentoml serve` (edgecatch
+`enabled: true` with the default policy, and `enabled: false`), loaded with `wrk` (C, its own
+threads: the load generator is not the bottleneck) posting a 640×480 JPEG as multipart, at
+concurrency 1 and 8. Enabled and disabled alternate in several short rounds so that machine noise
+hits both alike; the table reports the median round.
+
+    apt-get install -y wrk
+    .venv/bin/python benchmarks/bench_bentoml.py [--seconds 8] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.bento_plugin.harness import start_bento, stop_bento  # noqa: E402
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=edgecatchbench"
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*all")
+f:close()
+"""
+
+
+def jpeg_640x480() -> bytes:
+    from PIL import Image
+
+    from bento_service.sample_images import sample_images
+
+    image = Image.fromarray(sample_images(include_sklearn=False)["motorcycle"]).resize((640, 480))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def multipart(image: bytes) -> bytes:
+    return (b"--edgecatchbench\r\nContent-Disposition: form-data; name=\"image\"; filename=\"b.jpg\"\r\n"
+            b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--edgecatchbench--\r\n")
+
+
+def parse_wrk(text: str) -> dict[str, float]:
+    def ms(value: str) -> float:
+        number, unit = re.match(r"([\d.]+)(\w+)", value).groups()
+        return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    p50 = ms(re.search(r"\s50%\s+(\S+)", text).group(1))
+    p99 = ms(re.search(r"\s99%\s+(\S+)", text).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {"rps": rps, "p50": p50, "p99": p99, "errors": int(errors.group(1)) if errors else 0}
+
+
+def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
+    threads = min(concurrency, 2)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", "--timeout", "60s", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
+                          f"{url}/detect"], capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--services", nargs="+", default=["detector", "trivial"], choices=["detector", "trivial"])
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("bench_bentoml: needs wrk (apt-get install -y wrk)")
+
+    work = Path(tempfile.mkdtemp(prefix="edgecatch-bench-"))
+    body = work / "body.bin"
+    body.write_bytes(multipart(jpeg_640x480()))
+    script = work / "post.lua"
+    script.write_text(LUA.format(body=body))
+    services = {
+        "example detector": "bento_service.service:DetectionService",
+        "trivial service": "bento_service.trivial_service:TrivialDetectionService",
+    }
+    services = {label: target for label, target in services.items() if label.split()[1] in args.services
+                or label.split()[0] in args.services}
+    print(f"{os.cpu_count()} cores; {args.rounds} alternating rounds of {args.seconds:g}s per cell; wrk load")
+    print(f"{'service':18} {'conc':>4} {'edgecatch':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for label, target in services.items():
+        servers = {}
+        for enabled in (True, False):
+            directory = work / f"{target.split(':')[1]}-{'on' if enabled else 'off'}"
+            directory.mkdir()
+            config = directory / "edgecatch.yaml"
+            config.write_text(
+                f"enabled: {'true' if enabled else 'false'}\n"
+                f"policies: {REPO / 'policies' / 'default.yaml'}\n"
+                f"delivery: {{spool_dir: {directory / 'spool'}, sink: {{type: directory, path: {directory / 'ds'}}}}}\n")
+            servers[enabled] = start_bento(target, directory, config, REPO / "policies" / "default.yaml", env={},
+                                           workers=1)
+        try:
+            for concurrency in args.concurrency:
+                results: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+                for _ in range(args.rounds):
+                    for enabled in (True, False):
+                        run_wrk(servers[enabled].url, script, concurrency, 1)  # warm-up
+                        results[enabled].append(run_wrk(servers[enabled].url, script, concurrency, args.seconds))
+                rows = {}
+                for enabled in (True, False):
+                    rounds = results[enabled]
+                    rows[enabled] = {key: statistics.median(r[key] for r in rounds) for key in ("rps", "p50", "p99")}
+                    errors = sum(r["errors"] for r in rounds)
+                    row = rows[enabled]
+                    print(f"{label:18} {concurrency:>4} {'on' if enabled else 'off':>9} {row['rps']:8.1f} "
+                          f"{row['p50']:8.2f} {row['p99']:8.2f}" + (f"  ({errors} errors)" if errors else ""))
+                on, off = rows[True], rows[False]
+                print(f"{'':18} {'':>4} {'on/off':>9} {100 * on['rps'] / off['rps']:7.1f}% "
+                      f"{on['p50'] - off['p50']:+8.2f} {on['p99'] - off['p99']:+8.2f}")
+        finally:
+            for server in servers.values():
+                stop_bento(server)
+    time.sleep(0.1)
+
+
+if __name__ == "__main__":
+    main()
