@@ -2,9 +2,10 @@
 
 Each budget (a policy's window, or a window of the global limits) is one sorted set whose members
 are the selections still inside the window, scored by their time in milliseconds. One Lua script
-per decision trims every set to its window, checks that each has room, and only then adds the new
-selection to all of them — so a decision charges everything or nothing, and no two replicas can
-both take the last unit of a budget. The script is loaded once (EVALSHA, falling back to EVAL when
+per matched prediction trims the sets to their windows, checks that each has room, and only then
+adds the new selection to all of them — so a decision charges everything or nothing, and no two
+replicas can both take the last unit of a budget. When several policies hold, the script tries them
+in order (`acquire_first`) and charges the first with room: still one round trip. The script is loaded once (EVALSHA, falling back to EVAL when
 the server answers NOSCRIPT, e.g. after a restart). Keys look like `edgecatch:{fleet}:p:<policy>:<s>`
 and `edgecatch:{fleet}:g:<s>`: the fleet name separates fleets sharing one Redis, and the braces make
 it a Redis Cluster hash tag, so all keys of one decision live on one shard.
@@ -157,7 +158,7 @@ class RedisLimiter:
         self._script = self._client.register_script(SCRIPT)  # EVALSHA, EVAL on NOSCRIPT
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._prefix = f"edgecatch:{{{fleet}}}:"
-        self._plans: dict[tuple[str, Windows, Windows], _Plan] = {}
+        self._plans: dict[tuple[Candidates, Windows], _Plan] = {}
         self._scaled: dict[Windows, Windows] = {}
         self._fallback = MemoryLimiter()
         self._on_event = on_event
