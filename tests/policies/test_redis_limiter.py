@@ -270,6 +270,31 @@ def test_processes_hammering_one_budget_never_exceed_it_and_reach_it(server, tmp
     assert client.zcard("edgecatch:{default}:p:b:3600") == b
 
 
+def _forked_acquires(limiter: RedisLimiter, queue) -> None:
+    queue.put([limiter.acquire("p", HOUR, (), T0 + 1) for _ in range(3)])
+
+
+def test_a_limiter_used_before_a_fork_works_in_the_children_with_their_own_members(make_limiter, server):
+    import multiprocessing
+
+    limiter = make_limiter()
+    assert limiter.acquire("p", HOUR, (), T0)  # the parent holds a pooled connection now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_forked_acquires, args=(limiter, queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    results = [queue.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    assert sorted(r.count(True) for r in results) in ([1, 3], [2, 2])  # 4 left after the parent's one
+    members = server.client().zrange("edgecatch:{default}:p:p:3600", 0, -1)
+    assert len(members) == 5  # no two processes wrote the same member (that would overwrite)
+    assert len({m.split(b":")[0] for m in members}) == 3  # three processes, three member prefixes
+    assert not limiter.acquire("p", HOUR, (), T0 + 2)  # the parent's connection still works
+
+
 def test_threads_sharing_one_limiter_are_atomic_too(make_limiter, server):
     limiter = make_limiter()
     granted = []
