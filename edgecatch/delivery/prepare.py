@@ -83,8 +83,29 @@ def orient_box(box: Box, orientation: int, width: int, height: int) -> Box:
     return box
 
 
+def _passthrough(image: Any, max_size: int) -> tuple[PreparedImage, Image.Image] | None:
+    """An upright JPEG that already fits is kept as it came: no decode, no second generation loss,
+    and no CPU taken from the model server (re-encoding costs ~10 ms per 640x480 image)."""
+    if not isinstance(image, (bytes, bytearray, memoryview)):
+        return None
+    data = bytes(image)
+    try:
+        header = Image.open(io.BytesIO(data))  # reads the header only
+        if header.format != "JPEG" or header.mode not in ("RGB", "L") or max(header.size) > max_size:
+            return None
+        if int(header.getexif().get(_EXIF_ORIENTATION, 1) or 1) != 1:
+            return None
+    except Exception:
+        return None  # the full path below reports what is wrong with it
+    width, height = header.size
+    return PreparedImage(data, width, height, width, height, 1), header
+
+
 def prepare_image(image: Any, max_size: int, jpeg_quality: int) -> tuple[PreparedImage, Image.Image]:
     """Decode, orient, resize and encode; returns the JPEG and the oriented PIL image before resizing."""
+    kept = _passthrough(image, max_size)
+    if kept is not None:
+        return kept
     opened = _open(image)
     source_width, source_height = opened.size
     if source_width <= 0 or source_height <= 0:
