@@ -72,6 +72,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # a client that went away (killed, timed out): normal here
+        super().handle_error(request, client_address)
+
 
 class UploadApiServer:
     def __init__(self, *, api_key: str | None = None, dataset: str = "test-dataset", host: str = "127.0.0.1",

