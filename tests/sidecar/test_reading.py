@@ -173,3 +173,43 @@ def test_missing_tensors_and_bad_images():
     _, inputs = http_tensors(body, length, "inputs")
     with pytest.raises(TensorError, match="BOXES is not in the response"):
         read_items(READING, [], inputs, {})
+
+
+def _encoded(fmt: str, size: tuple[int, int], orientation: int | None = None, **options) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.new("RGB", size, (200, 30, 30))
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _pillow_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+
+
+@pytest.mark.parametrize("data", [
+    _encoded("JPEG", (640, 480)),
+    _encoded("JPEG", (640, 480), progressive=True),
+    *[_encoded("JPEG", (64, 48), orientation) for orientation in range(1, 9)],
+    _encoded("PNG", (33, 17)),
+    _encoded("PNG", (33, 17), 6),
+    _encoded("GIF", (12, 7)),
+    _encoded("WEBP", (20, 10), 8),
+], ids=lambda d: d[:4].hex())
+def test_image_size_from_the_header_agrees_with_pillow(data):
+    from edgecatch.integrations.triton.reading import _encoded_size
+
+    assert _encoded_size(data) == _pillow_size(data)
+
+
+@pytest.mark.parametrize("data", [b"\xff\xd8\xff\xe0\x00", b"\x89PNG\r\n\x1a\n", b"\xff\xd8" + b"\x00" * 40])
+def test_truncated_headers_are_not_images(data):
+    from edgecatch.integrations.triton.reading import _encoded_size
+
+    with pytest.raises(TensorError):
+        _encoded_size(data)

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import re
 from collections import deque
+from urllib.parse import unquote_to_bytes
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -111,6 +112,7 @@ class HttpProxy:
         self.upstream_timeout = upstream_timeout
         self._idle: deque[_Upstream] = deque()
         self._server: asyncio.base_events.Server | None = None
+        self._observed_cache: dict[bytes, tuple[str, bool]] = {}
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
@@ -124,41 +126,69 @@ class HttpProxy:
         while self._idle:
             self._idle.popleft().transport.close()
 
-    async def _acquire(self) -> tuple[_Upstream, bool]:
-        """An upstream connection, and whether it was reused from the pool."""
+    def _model(self, raw: bytes) -> tuple[str, bool]:
+        """(model name, observed?) for a model name as it appears in the URL; remembered per name."""
+        known = self._observed_cache.get(raw)
+        if known is not None:
+            observed = known[1] or self.observed_models(known[0])  # counts unconfigured models each time
+            return known[0], observed
+        name = unquote_to_bytes(raw).decode("utf-8", "replace")
+        observed = self.observed_models(name)
+        if len(self._observed_cache) < 1024:  # names come from clients: never grow without bound
+            self._observed_cache[raw] = (name, observed)
+        return name, observed
+
+    def _idle_upstream(self) -> _Upstream | None:
         while self._idle:
             upstream = self._idle.pop()
             if not upstream.closed:
-                return upstream, True
-        loop = asyncio.get_running_loop()
-        _, upstream = await loop.create_connection(_Upstream, self.upstream_host, self.upstream_port)
-        return upstream, False
+                return upstream
+        return None
 
     def _release(self, upstream: _Upstream) -> None:
-        if upstream.closed or len(self._idle) >= self.max_idle_upstream:
+        if upstream.closed or not upstream.keep_alive or len(self._idle) >= self.max_idle_upstream:
+            upstream.closed = True
             upstream.transport.close()
         else:
             self._idle.append(upstream)
 
 
-class _Upstream(asyncio.Protocol):
-    """One persistent connection to Triton; carries one exchange at a time."""
+class _Pending:
+    """A request on its way to Triton: what is needed to send it, retry it once, and observe it."""
 
-    def __init__(self) -> None:
+    __slots__ = ("request", "message", "inject", "observe_as", "inference_id", "body", "reused")
+
+    def __init__(self, request: _Request, message: bytes, inject: bytes, observe_as: tuple[str, str] | None,
+                 inference_id: str, body: bytes) -> None:
+        self.request = request
+        self.message = message
+        self.inject = inject
+        self.observe_as = observe_as
+        self.inference_id = inference_id
+        self.body = body
+        self.reused = False
+
+
+class _Upstream(asyncio.Protocol):
+    """One persistent connection to Triton; carries one exchange at a time, driven by callbacks."""
+
+    def __init__(self, proxy: HttpProxy) -> None:
+        self.proxy = proxy
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.keep_alive = True
         self._parser = httptools.HttpResponseParser(self)
-        self._done: asyncio.Future[None] | None = None
         self._client: _Client | None = None
-        self._inject: bytes = b""
-        self._head_pending = bytearray()
+        self._pending: _Pending | None = None
+        self._inject = b""
+        self._head = b""  # response bytes held until the end of the head, where the id is spliced
         self._head_sent = True
         self._keep_body = False
         self._body: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_only = False
+        self._timer: asyncio.TimerHandle | None = None
         self.status = 0
-        self.keep_alive = True
         self.sent_anything = False
 
     # asyncio.Protocol
@@ -167,8 +197,8 @@ class _Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._done is not None and not self._done.done():
-            self._done.set_exception(ConnectionError("upstream closed the connection"))
+        if self._client is not None:
+            self._fail(ConnectionError("upstream closed the connection"))
 
     def pause_writing(self) -> None:
         if self._client is not None:
@@ -178,31 +208,53 @@ class _Upstream(asyncio.Protocol):
         if self._client is not None:
             self._client.transport.resume_reading()
 
+    def send(self, client: _Client, pending: _Pending) -> None:
+        self._client = client
+        self._pending = pending
+        self._inject = pending.inject
+        self._head = b""
+        self._head_sent = False
+        self._keep_body = pending.observe_as is not None
+        self._body = []
+        self._headers = []
+        self._head_only = pending.request.method == b"HEAD"
+        self.sent_anything = False
+        self._timer = asyncio.get_running_loop().call_later(self.proxy.upstream_timeout, self._timed_out)
+        self.transport.write(pending.message)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._client is not None:
+            self.closed = True
+            self._fail(asyncio.TimeoutError())
+            self.transport.close()
+
     def data_received(self, data: bytes) -> None:
-        if self._done is None or self._done.done():
+        client = self._client
+        if client is None:
             self.closed = True  # bytes nobody asked for: this connection cannot be trusted again
             self.transport.close()
             return
-        client = self._client
-        if not self._head_sent:
-            self._head_pending += data
-            end = self._head_pending.find(b"\r\n\r\n")
-            if end >= 0:
-                head = self._head_pending
-                out = bytes(head[:end + 2]) + self._inject + bytes(head[end + 2:]) if self._inject else bytes(head)
-                self._head_sent = True
-                self._head_pending = bytearray()
-                client.write(out)
-                self.sent_anything = True
-        else:
+        if self._head_sent:
             client.write(data)
+        else:
+            head = self._head + data if self._head else data
+            end = head.find(b"\r\n\r\n")
+            if end < 0:
+                self._head = head
+            else:
+                self._head = b""
+                self._head_sent = True
+                self.sent_anything = True
+                inject = self._inject
+                client.write(head[:end + 2] + inject + head[end + 2:] if inject else head)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.closed = True
             self.transport.close()
-            if not self._done.done():
-                self._done.set_exception(ConnectionError(f"bad response from upstream: {exc}"))
+            if self._client is not None:
+                self._fail(ConnectionError(f"bad response from upstream: {exc}"))
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -213,8 +265,8 @@ class _Upstream(asyncio.Protocol):
         self.status = self._parser.get_status_code()
         self.keep_alive = self._parser.should_keep_alive()
         if self._head_only:  # a response to HEAD has no body whatever its Content-Length says
-            self._finish()
             self._parser = httptools.HttpResponseParser(self)
+            self._complete()
 
     def on_body(self, body: bytes) -> None:
         if self._keep_body:
@@ -222,39 +274,36 @@ class _Upstream(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if not self._head_only:
-            self._finish()
+            self._complete()
 
-    def _finish(self) -> None:
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+    # outcomes
+    def _detach(self) -> tuple[_Client | None, _Pending | None]:
+        client, pending = self._client, self._pending
+        self._client = self._pending = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return client, pending
 
-    async def exchange(self, client: _Client, request: bytes, inject: bytes, keep_body: bool,
-                       head_only: bool, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._done = loop.create_future()
-        self._client = client
-        self._inject = inject
-        self._head_sent = False
-        self._head_pending = bytearray()
-        self._keep_body = keep_body
-        self._body = []
-        self._headers = []
-        self._head_only = head_only
-        self.sent_anything = False
-        self.transport.write(request)
-        try:
-            await asyncio.wait_for(self._done, timeout)
-        finally:
-            self._client = None
-            if not self._done.done():
-                self._done.cancel()
-        if not self.keep_alive:
-            self.closed = True
+    def _complete(self) -> None:
+        client, pending = self._detach()
+        if client is None:
+            return
+        if pending.observe_as is not None:
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            exchange = Exchange(pending.observe_as[0], pending.observe_as[1], pending.inference_id,
+                                pending.request.headers, pending.body, self.status, self._headers, body)
+            self._body, self._headers = [], []
+            # After the response is on its way: observation never delays it.
+            asyncio.get_running_loop().call_soon(self.proxy.on_exchange, exchange)
+        self.proxy._release(self)
+        client.answered(pending)
 
-    def take_body(self) -> tuple[list[tuple[bytes, bytes]], bytes]:
-        body, self._body = b"".join(self._body), []
-        headers, self._headers = self._headers, []
-        return headers, body
+    def _fail(self, exc: BaseException) -> None:
+        sent = self.sent_anything
+        client, pending = self._detach()
+        if client is not None:
+            client.upstream_failed(pending, exc, sent)
 
 
 class _Client(asyncio.Protocol):
@@ -267,11 +316,10 @@ class _Client(asyncio.Protocol):
         self._current: _Request | None = None
         self._size = 0
         self._queue: deque[_Request] = deque()
-        self._worker: asyncio.Task[None] | None = None
+        self._busy = False  # a request of this connection is with Triton (or a local handler)
         self._closing = False
         self._too_large = False
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._paused = False  # the client does not read its answers fast enough
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -279,15 +327,15 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        self._writable.set()
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
+        self._queue.clear()
 
     def pause_writing(self) -> None:
-        self._writable.clear()
+        self._paused = True
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        self._paused = False
+        if not self._busy:
+            self._next()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -306,7 +354,11 @@ class _Client(asyncio.Protocol):
 
     def _fail(self, status: int, body: bytes) -> None:
         self.write(_response_bytes(status, body, keep_alive=False))
+        self._close()
+
+    def _close(self) -> None:
         self._closing = True
+        self._queue.clear()
         self.transport.close()
 
     # httptools callbacks
@@ -325,7 +377,7 @@ class _Client(asyncio.Protocol):
         request.method = self._parser.get_method()
         request.version = self._parser.get_http_version()
         for name, value in request.headers:
-            if name.lower() == b"expect" and value.lower() == b"100-continue":
+            if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -339,97 +391,118 @@ class _Client(asyncio.Protocol):
         request, self._current = self._current, None
         request.keep_alive = self._parser.should_keep_alive()
         self._queue.append(request)
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._serve())
+        if not self._busy:
+            self._next()
 
-    # forwarding
-    async def _serve(self) -> None:
-        while self._queue and not self._closing:
+    # forwarding, one request at a time per connection (HTTP/1.1 answers in order)
+    def _next(self) -> None:
+        while self._queue and not self._closing and not self._paused and not self._busy:
             request = self._queue.popleft()
             try:
-                await self._handle(request)
-            except asyncio.CancelledError:
-                raise
+                self._start(request)
             except Exception:  # never leave a client hanging
                 log.exception("unexpected error while proxying %s %s", request.method, request.url[:200])
                 self._fail(502, b'{"error":"edgecatch sidecar: internal error"}')
                 return
-            if not request.keep_alive:
-                self._closing = True
-                self.transport.close()
-                return
-            if not self._writable.is_set():
-                await self._writable.wait()
 
-    async def _handle(self, request: _Request) -> None:
-        body = b"".join(request.body)
+    def _start(self, request: _Request) -> None:
+        parts = request.body
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         if request.url.startswith(b"/edgecatch/") and self.proxy.local_handler is not None:
-            answer = await self.proxy.local_handler(request.method, request.url, request.headers, body)
-            self.write(_response_bytes(answer.status, answer.body, answer.content_type, answer.headers,
-                                       keep_alive=request.keep_alive))
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._local(request, body))
             return
-
         observe_as: tuple[str, str] | None = None
+        inference_id = ""
         inject = b""
         if request.method == b"POST":
             match = _INFER_PATH.match(request.url)
             if match is not None:
-                model = match.group(1).decode("utf-8", "replace")
-                if self.proxy.observed_models(model):
+                model, observed = self.proxy._model(match.group(1))
+                if observed:
                     observe_as = (model, (match.group(2) or b"").decode("utf-8", "replace"))
-        inference_id = ""
-        if observe_as is not None:
-            inference_id = self.proxy.new_inference_id()
-            inject = INFERENCE_ID_HEADER + b": " + inference_id.encode() + b"\r\n"
+                    inference_id = self.proxy.new_inference_id()
+                    inject = b"%s: %s\r\n" % (INFERENCE_ID_HEADER, inference_id.encode())
+        pending = _Pending(request, _request_head(request, len(body)) + body, inject, observe_as, inference_id,
+                           body)
+        self._busy = True
+        self._send(pending)
 
-        message = self._request_head(request, len(body)) + body
-        upstream = None
+    def _send(self, pending: _Pending) -> None:
+        upstream = self.proxy._idle_upstream()
+        if upstream is not None:
+            pending.reused = True
+            upstream.send(self, pending)
+        else:
+            pending.reused = False
+            asyncio.get_running_loop().create_task(self._connect_and_send(pending))
+
+    async def _connect_and_send(self, pending: _Pending) -> None:
+        loop = asyncio.get_running_loop()
+        proxy = self.proxy
         try:
-            for attempt in (1, 2):
-                upstream, reused = await self.proxy._acquire()
-                try:
-                    await upstream.exchange(self, message, inject, observe_as is not None,
-                                            request.method == b"HEAD", self.proxy.upstream_timeout)
-                    break
-                except ConnectionError:
-                    # A kept-alive connection Triton closed while idle (a restart): one retry on a
-                    # fresh connection, only when not a byte of the answer arrived.
-                    if attempt == 2 or not reused or upstream.sent_anything:
-                        raise
-                    upstream.transport.close()
-        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
-            if upstream is not None:
-                upstream.closed = True
-                upstream.transport.close()
-            if upstream is not None and upstream.sent_anything:
-                # Part of the answer is already out: all we can do is end the connection.
-                self._closing = True
-                self.transport.close()
-                return
-            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else "is unreachable"
-            self.write(_response_bytes(
-                502, b'{"error":"edgecatch sidecar: Triton %s"}' % reason.encode(), keep_alive=request.keep_alive))
+            _, upstream = await loop.create_connection(lambda: _Upstream(proxy), proxy.upstream_host,
+                                                       proxy.upstream_port)
+        except OSError as exc:
+            self.upstream_failed(pending, exc, False)
             return
-        self.proxy._release(upstream)
-        if observe_as is not None:
-            headers, response_body = upstream.take_body()
-            exchange = Exchange(observe_as[0], observe_as[1], inference_id, request.headers, body,
-                                upstream.status, headers, response_body)
-            # After the response is on its way: observation never delays it.
-            asyncio.get_running_loop().call_soon(self.proxy.on_exchange, exchange)
+        if self._closing:
+            proxy._release(upstream)
+            return
+        upstream.send(self, pending)
 
-    @staticmethod
-    def _request_head(request: _Request, body_length: int) -> bytes:
-        lines = [request.method + b" " + request.url + b" HTTP/" + request.version.encode()]
-        chunked = False
-        for name, value in request.headers:
-            lowered = name.lower()
-            if lowered == b"expect":
-                continue  # answered here
-            if lowered == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
-                continue
-            lines.append(name + b": " + value)
-        if chunked:
-            lines.append(b"Content-Length: %d" % body_length)
-        return b"\r\n".join(lines) + b"\r\n\r\n"
+    async def _local(self, request: _Request, body: bytes) -> None:
+        try:
+            answer = await self.proxy.local_handler(request.method, request.url, request.headers, body)
+            self.write(_response_bytes(answer.status, answer.body, answer.content_type, answer.headers,
+                                       keep_alive=request.keep_alive))
+        except Exception:
+            log.exception("edgecatch route %s failed", request.url[:200])
+            self.write(_response_bytes(500, b'{"error":"edgecatch sidecar: internal error"}',
+                                       keep_alive=request.keep_alive))
+        self.answered_request(request)
+
+    def answered(self, pending: _Pending) -> None:
+        self.answered_request(pending.request)
+
+    def answered_request(self, request: _Request) -> None:
+        self._busy = False
+        if not request.keep_alive:
+            self._close()
+            return
+        self._next()
+
+    def upstream_failed(self, pending: _Pending, exc: BaseException, sent_anything: bool) -> None:
+        if self._closing:
+            self._busy = False
+            return
+        if isinstance(exc, ConnectionError) and pending.reused and not sent_anything:
+            # A kept-alive connection Triton closed while idle (a restart): one retry on a fresh
+            # connection, only when not a byte of the answer arrived.
+            pending.reused = False
+            asyncio.get_running_loop().create_task(self._connect_and_send(pending))
+            return
+        if sent_anything:
+            self._close()  # part of the answer is already out: all we can do is end the connection
+            return
+        reason = b"timed out" if isinstance(exc, asyncio.TimeoutError) else b"is unreachable"
+        self.write(_response_bytes(502, b'{"error":"edgecatch sidecar: Triton %s"}' % reason,
+                                   keep_alive=pending.request.keep_alive))
+        self.answered(pending)
+
+
+def _request_head(request: _Request, body_length: int) -> bytes:
+    """The request line and headers as received, minus what this hop answers itself."""
+    lines = [b"%s %s HTTP/%s" % (request.method, request.url, request.version.encode())]
+    chunked = False
+    for name, value in request.headers:
+        if len(name) == 6 and name.lower() == b"expect":
+            continue  # answered here
+        if len(name) == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+            continue
+        lines.append(b"%s: %s" % (name, value))
+    if chunked:
+        lines.append(b"Content-Length: %d" % body_length)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)

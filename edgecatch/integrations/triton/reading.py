@@ -152,7 +152,14 @@ def _image_bytes(value: Any) -> bytes:
 
 
 def _encoded_size(data: bytes) -> tuple[int, int]:
-    """Width and height as the model saw the image (after EXIF rotation), from the header only."""
+    """Width and height as the model saw the image (after EXIF rotation), from the header only.
+
+    JPEG and PNG headers are read here (a few microseconds: this runs for every observed item);
+    anything else, or a header this reader does not follow, goes to Pillow (tens of microseconds).
+    """
+    size = _jpeg_size(data) if data[:2] == b"\xff\xd8" else _png_size(data) if data[:4] == b"\x89PNG" else None
+    if size is not None:
+        return size
     from io import BytesIO
 
     from PIL import Image
@@ -167,18 +174,69 @@ def _encoded_size(data: bytes) -> tuple[int, int]:
         raise TensorError("image", "the image bytes are not an image Pillow can read") from None
 
 
-def _to_xyxy(boxes: np.ndarray, fmt: str, normalized: bool, width: int, height: int) -> np.ndarray:
-    boxes = boxes.astype(np.float64, copy=True)
-    if fmt == "xywh":
-        boxes[:, 2] += boxes[:, 0]
-        boxes[:, 3] += boxes[:, 1]
-    elif fmt == "cxcywh":
-        cx, cy, w, h = boxes[:, 0].copy(), boxes[:, 1].copy(), boxes[:, 2].copy(), boxes[:, 3].copy()
-        boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3] = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
-    if normalized:
-        boxes[:, (0, 2)] *= width
-        boxes[:, (1, 3)] *= height
-    return boxes
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, swapped when EXIF says 90/270 degrees; None: unsure."""
+    offset, end = 2, len(data)
+    rotated = False
+    while offset + 4 <= end:
+        if data[offset] != 0xFF:
+            return None
+        marker = data[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            offset += 2
+            continue
+        length = int.from_bytes(data[offset + 2:offset + 4], "big")
+        if marker in _SOF:
+            if offset + 9 > end:
+                return None
+            height = int.from_bytes(data[offset + 5:offset + 7], "big")
+            width = int.from_bytes(data[offset + 7:offset + 9], "big")
+            if not width or not height:
+                return None
+            return (height, width) if rotated else (width, height)
+        if marker == 0xE1 and data[offset + 4:offset + 10] == b"Exif\x00\x00":
+            orientation = _exif_orientation(data[offset + 10:offset + 2 + length])
+            if orientation is None:
+                return None
+            rotated = orientation in (5, 6, 7, 8)
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        offset += 2 + length
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The Orientation tag of IFD0 (1 when absent); None when the TIFF structure is not as expected."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return None
+    order = "little" if tiff[:2] == b"II" else "big"
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return None
+    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    for index in range(count):
+        entry = ifd + 2 + 12 * index
+        if entry + 12 > len(tiff):
+            return None
+        if int.from_bytes(tiff[entry:entry + 2], order) == 0x0112:
+            return int.from_bytes(tiff[entry + 8:entry + 10], order)
+    return 1
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    idat = data.find(b"IDAT")
+    if b"eXIf" in data[:idat if idat > 0 else len(data)]:
+        return None  # an EXIF orientation in a PNG: Pillow reads it
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return (width, height) if width and height else None
 
 
 def read_items(
@@ -211,24 +269,32 @@ def read_items(
             valid = valid.reshape(1) if valid is not None else None
         if boxes.shape[0] != count:
             raise TensorError("output", f"{boxes.shape[0]} items of boxes for {count} images")
+        fmt, normalized, min_score = spec.box_format, spec.normalized, spec.min_score
+        known = len(names)
         for i in range(count):
             width, height = sizes[i]
-            item_boxes = boxes[i].reshape(-1, 4)
-            item_scores = scores[i].reshape(-1)
-            item_classes = classes[i].reshape(-1) if classes is not None else np.zeros(len(item_scores), dtype=int)
+            # Python lists, not numpy scalars: these arrays are tiny and this runs for every item.
+            item_boxes = boxes[i].reshape(-1, 4).tolist()
+            item_scores = scores[i].reshape(-1).tolist()
+            item_classes = classes[i].reshape(-1).tolist() if classes is not None else [0] * len(item_scores)
             n = int(valid[i]) if valid is not None else len(item_scores)
             if not (len(item_boxes) >= n and len(item_scores) >= n and len(item_classes) >= n):
                 raise TensorError("output", "boxes, scores and classes differ in length")
-            xyxy = _to_xyxy(item_boxes[:n], spec.box_format, spec.normalized, width, height)
             detections = []
             for k in range(n):
                 score = float(item_scores[k])
                 class_id = int(item_classes[k])
-                if score < spec.min_score or class_id < 0:  # padding rows of a batched output
+                if score < min_score or class_id < 0:  # padding rows of a batched output
                     continue
-                name = names[class_id] if 0 <= class_id < len(names) else str(class_id)
-                x1, y1, x2, y2 = (float(v) for v in xyxy[k])
-                detections.append(Detection(name, min(max(score, 0.0), 1.0), (x1, y1, x2, y2), class_id))
+                a, b, c, d = (float(v) for v in item_boxes[k])
+                if fmt == "xywh":
+                    c, d = a + c, b + d
+                elif fmt == "cxcywh":
+                    a, b, c, d = a - c / 2, b - d / 2, a + c / 2, b + d / 2
+                if normalized:
+                    a, b, c, d = a * width, b * height, c * width, d * height
+                name = names[class_id] if class_id < known else str(class_id)
+                detections.append(Detection(name, min(max(score, 0.0), 1.0), (a, b, c, d), class_id))
             items.append(ReadItem(tuple(detections), None, images[i], width, height))
     else:
         probabilities = need(reading.classification.probabilities)

@@ -152,16 +152,23 @@ class Sidecar:
     def observe_grpc(self, exchange: GrpcExchange) -> None:
         from tritonclient.grpc import service_pb2
 
-        request = exchange.request
         try:
-            response = service_pb2.ModelInferResponse.FromString(exchange.response)
+            request = service_pb2.ModelInferRequest.FromString(exchange.request)
+            if exchange.streamed:
+                message = service_pb2.ModelStreamInferResponse.FromString(exchange.response)
+                if message.error_message:
+                    return  # Triton refused this request of the stream: nothing to observe
+                response = message.infer_response
+            else:
+                response = service_pb2.ModelInferResponse.FromString(exchange.response)
+        except Exception:
+            self.collector.count_unparsed("grpc_message")
+            return
+        try:
             inputs = grpc_tensors(request, "inputs")
             outputs = grpc_tensors(response, "outputs")
         except TensorError as exc:
             self.collector.count_unparsed(f"grpc_{exc.reason}", detail=str(exc))
-            return
-        except Exception:
-            self.collector.count_unparsed("grpc_response")
             return
         version = request.model_version or response.model_version
         self._observe_items(request.model_name, version, exchange.inference_id, inputs, outputs)

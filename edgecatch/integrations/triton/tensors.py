@@ -16,6 +16,7 @@ that does not parse raises `TensorError` and is only counted.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -74,7 +75,7 @@ def _bytes_elements(raw: bytes | memoryview, count: int | None) -> list[bytes]:
 
 
 def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview) -> Tensor:
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     if datatype == "BYTES":
         array = np.empty(count, dtype=object)
         array[:] = _bytes_elements(raw, count)
