@@ -54,6 +54,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--daemonize", "no", "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
+             "--enable-debug-command", "local",  # DEBUG SLEEP: a real Redis that stalls
              *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout

@@ -18,7 +18,9 @@ declared behaviour — `fail_open` (a per-process `MemoryLimiter` whose budgets 
 `expected_replicas`, rounded down but at least 1) or `fail_closed` (select nothing). The limiter then
 stops calling Redis altogether (a circuit breaker): a background thread tries the script again every
 `retry_seconds`, and the request path goes back to Redis when it answers. An outage is logged once
-when it starts and once when it ends; `on_event` reports it for metrics.
+when it starts and once when it ends; `on_event` reports it for metrics. A decision that timed out
+may still run on a server that was only stalled: Redis then holds one charge more than it granted
+(over-counting by one per timeout, never under-counting).
 """
 
 from __future__ import annotations

@@ -406,6 +406,41 @@ def test_redis_killed_fail_closed_selects_nothing_then_recovers(server, make_lim
     assert limiter.acquire("p", MINUTE, (), T0 + 10)
 
 
+def test_a_stalled_redis_costs_one_timeout_then_decisions_are_local_until_it_answers(server, make_limiter):
+    events = []
+    limiter = make_limiter(timeout_ms=50, retry_seconds=0.2, on_event=events.append)
+    assert limiter.acquire("p", MINUTE, (), T0)
+    stall = threading.Thread(target=lambda: server.client().execute_command("DEBUG", "SLEEP", "1.5"))
+    stall.start()
+    wait_until(lambda: _stalled(server))
+    # The server is busy for 1.5 s: the next decision times out after 50 ms and the circuit opens.
+    assert limiter.acquire("p", MINUTE, (), T0 + 1) is True  # fail_open, local budget (3 / 1 replica)
+    assert not limiter.available and events.count("unavailable") == 1
+    results = [limiter.acquire("p", MINUTE, (), T0 + 2) for _ in range(500)]
+    assert results.count(True) == 2 and events.count("fail_open") == 501  # all local, none waited
+    stall.join(timeout=30)
+    wait_until(lambda: limiter.available)
+    calls = server.client().info("commandstats")["cmdstat_evalsha"]["calls"]
+    # One decision before the stall, the one that timed out, the probe's tries: not the 500 others.
+    assert calls < 20
+    assert limiter.acquire("p", MINUTE, (), T0 + 3) is True  # Redis again
+    # T0 and T0+3, and maybe T0+1: the decision that timed out had been sent, and a stalled server
+    # runs it when it wakes up. A timeout can only over-charge by that one decision, never under.
+    assert limiter.used("p", 60.0, T0 + 3) in (2, 3)
+
+
+def _stalled(server: RedisServer) -> bool:
+    """True once the server no longer answers within 20 ms (the DEBUG SLEEP has begun)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"PING\r\n")
+        sock.settimeout(0.02)
+        try:
+            sock.recv(16)
+        except socket.timeout:
+            return True
+    return False
+
+
 class Blackhole:
     """A TCP server that accepts and reads but never answers: a Redis that hangs."""
 
