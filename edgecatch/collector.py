@@ -373,6 +373,9 @@ class Collector:
             "policies": str(self.policies.path),
             "policy_error": str(self.policies.last_error) if self.policies.last_error else None,
             "recall_items": len(self.recall),
+            # "memory", or the Redis URL (password redacted) and whether it answers right now.
+            "limiter": getattr(self.limiter, "where", "memory"),
+            "limiter_available": getattr(self.limiter, "available", True),
             **self.delivery.health(),
         }
 

@@ -572,13 +572,14 @@ def test_collector_uses_the_configured_backend_and_counts_outages(server, tmp_pa
                               timestamp=T0)
     try:
         assert isinstance(collector.limiter, RedisLimiter)
+        assert collector.health()["limiter"] == server.url and collector.health()["limiter_available"]
         assert collector.observe(observation, b"jpeg").selected
         assert server.client().zcard("edgecatch:{shop}:p:low:3600") == 1
         assert value("edgecatch_limiter_available") == 1
         server.kill()
         decision = collector.observe(observation, b"jpeg")
         assert not decision.selected and decision.limited == ("low",)
-        assert value("edgecatch_limiter_available") == 0
+        assert value("edgecatch_limiter_available") == 0 and not collector.health()["limiter_available"]
         assert value("edgecatch_limiter_outages_total") == 1
         assert value("edgecatch_limiter_unavailable_total", {"behaviour": "fail_closed"}) == 1
         assert value("edgecatch_limited_total", {"policy": "low"}) == 1
