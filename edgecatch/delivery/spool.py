@@ -447,26 +447,31 @@ class Spool:
             return len(self._index) - len(self._claimed)
 
     def claim(self) -> Claim | None:
-        """Lock, read and verify the oldest entry nobody else holds; None when there is none."""
+        """Lock, read and verify the oldest entry nobody else holds; None when there is none.
+
+        The scan stops at the first candidate, so a claim costs O(entries being delivered), not
+        O(entries waiting): the backlog can be large.
+        """
         now = time.monotonic()
-        with self._lock:
-            candidates = [name for name in self._index
-                          if name not in self._claimed and self._busy_elsewhere.get(name, 0) <= now]
-        for name in candidates:
+        skipped: set[str] = set()
+        claimed, busy = self._claimed, self._busy_elsewhere
+        while True:
             with self._lock:
-                if name in self._claimed or name not in self._index:
-                    continue
-                self._claimed.add(name)
+                name = next((n for n in self._index
+                             if n not in claimed and n not in skipped and busy.get(n, 0.0) <= now), None)
+                if name is None:
+                    return None
+                claimed.add(name)
             claim = None
             try:
                 claim = self._try_claim(name)
             finally:
                 if claim is None:
                     with self._lock:
-                        self._claimed.discard(name)
+                        claimed.discard(name)
             if claim is not None:
                 return claim
-        return None
+            skipped.add(name)
 
     def _try_claim(self, name: str) -> Claim | None:
         path = self.ready_dir / name
