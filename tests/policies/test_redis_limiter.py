@@ -550,6 +550,9 @@ class _NoDelivery:
 
     def stop(self, timeout=None) -> None: ...
 
+    def health(self) -> dict:
+        return {}
+
 
 def test_collector_uses_the_configured_backend_and_counts_outages(server, tmp_path):
     from prometheus_client import CollectorRegistry
