@@ -5,7 +5,9 @@ edgecatch's own cost is all that shows) — each started twice with `bentoml ser
 `enabled: true` with the default policy, and `enabled: false`), loaded with `wrk` (C, its own
 threads: the load generator is not the bottleneck) posting a 640×480 JPEG as multipart, at
 concurrency 1 and 8. Enabled and disabled alternate in several short rounds so that machine noise
-hits both alike; the table reports the median round.
+hits both alike; the table reports the median round. The service's CPU time per request (all its
+processes, from /proc) is reported too: unlike throughput, it hardly moves when other work shares
+the machine.
 
     apt-get install -y wrk
     .venv/bin/python benchmarks/bench_bentoml.py [--seconds 8] [--rounds 3]
@@ -67,11 +69,34 @@ def parse_wrk(text: str) -> dict[str, float]:
     return {"rps": rps, "p50": p50, "p99": p99, "errors": int(errors.group(1)) if errors else 0}
 
 
-def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and all its descendants."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            with open(f"/proc/{current}/task/{current}/children") as children:
+                pending.extend(int(child) for child in children.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def run_wrk(url: str, script: Path, concurrency: int, seconds: float, pid: int | None = None) -> dict[str, float]:
     threads = min(concurrency, 2)
+    cpu_before = process_tree_cpu(pid) if pid else 0.0
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", "--timeout", "60s", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
                           f"{url}/detect"], capture_output=True, text=True, check=True).stdout
-    return parse_wrk(out)
+    result = parse_wrk(out)
+    if pid:
+        requests = int(re.search(r"(\d+) requests in", out).group(1))
+        result["cpu_ms"] = 1000 * (process_tree_cpu(pid) - cpu_before) / max(requests, 1)
+    return result
 
 
 def main() -> None:
@@ -96,7 +121,7 @@ def main() -> None:
     services = {label: target for label, target in services.items() if label.split()[1] in args.services
                 or label.split()[0] in args.services}
     print(f"{os.cpu_count()} cores; {args.rounds} alternating rounds of {args.seconds:g}s per cell; wrk load")
-    print(f"{'service':18} {'conc':>4} {'edgecatch':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'service':18} {'conc':>4} {'edgecatch':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}")
     for label, target in services.items():
         servers = {}
         for enabled in (True, False):
@@ -115,18 +140,22 @@ def main() -> None:
                 for _ in range(args.rounds):
                     for enabled in (True, False):
                         run_wrk(servers[enabled].url, script, concurrency, 1)  # warm-up
-                        results[enabled].append(run_wrk(servers[enabled].url, script, concurrency, args.seconds))
+                        results[enabled].append(run_wrk(servers[enabled].url, script, concurrency, args.seconds,
+                                                        servers[enabled].process.pid))
                 rows = {}
                 for enabled in (True, False):
                     rounds = results[enabled]
-                    rows[enabled] = {key: statistics.median(r[key] for r in rounds) for key in ("rps", "p50", "p99")}
+                    rows[enabled] = {key: statistics.median(r[key] for r in rounds)
+                                     for key in ("rps", "p50", "p99", "cpu_ms")}
                     errors = sum(r["errors"] for r in rounds)
                     row = rows[enabled]
                     print(f"{label:18} {concurrency:>4} {'on' if enabled else 'off':>9} {row['rps']:8.1f} "
-                          f"{row['p50']:8.2f} {row['p99']:8.2f}" + (f"  ({errors} errors)" if errors else ""))
+                          f"{row['p50']:8.2f} {row['p99']:8.2f} {row['cpu_ms']:10.3f}"
+                          + (f"  ({errors} errors)" if errors else ""))
                 on, off = rows[True], rows[False]
                 print(f"{'':18} {'':>4} {'on/off':>9} {100 * on['rps'] / off['rps']:7.1f}% "
-                      f"{on['p50'] - off['p50']:+8.2f} {on['p99'] - off['p99']:+8.2f}")
+                      f"{on['p50'] - off['p50']:+8.2f} {on['p99'] - off['p99']:+8.2f} "
+                      f"{on['cpu_ms'] - off['cpu_ms']:+10.3f}")
         finally:
             for server in servers.values():
                 stop_bento(server)
