@@ -296,8 +296,14 @@ class Spool:
             for stem in states - names:  # left by a crash between the two unlinks of `done`
                 _unlink_quiet(self.ready_dir / f"{stem}{STATE_SUFFIX}")
         with self._lock:
-            self._index = OrderedDict(found)
-            self._bytes = sum(size for _, size in found)
+            # Entries this process spooled while the folder was being listed are not in `found`:
+            # keep those that still exist, or they would wait for the next scan.
+            merged = dict(found)
+            for name, size in self._index.items():
+                if name not in merged and os.path.exists(self.ready_dir / name):
+                    merged[name] = size
+            self._index = OrderedDict(sorted(merged.items()))
+            self._bytes = sum(self._index.values())
             self._last_scan = time.monotonic()
             now = time.monotonic()
             self._busy_elsewhere = {k: v for k, v in self._busy_elsewhere.items() if v > now}

@@ -79,3 +79,14 @@ def test_repeated_kills_mid_delivery_lose_and_repeat_nothing(server, roboflow_co
     assert 0 <= repeated_annotations <= 4 * len(kill_points)
     assert len(open_spool(config, metrics)) == 0
     assert not list((config.spool_dir / "quarantine").iterdir())
+
+
+def test_two_processes_sharing_one_spool_deliver_each_sample_once(server, roboflow_config, metrics):
+    config = roboflow_config()
+    ids = fill_spool(open_spool(config, metrics), 400)
+    first, second = spawn(config, server), spawn(config, server)
+    finish(first)
+    finish(second)
+    annotated_once(server, ids)
+    assert set(server.store.upload_requests.values()) == {1}  # no sample was even attempted twice
+    assert set(server.store.annotate_requests.values()) == {1}
