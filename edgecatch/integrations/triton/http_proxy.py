@@ -113,13 +113,26 @@ class HttpProxy:
         self._idle: deque[_Upstream] = deque()
         self._server: asyncio.base_events.Server | None = None
         self._observed_cache: dict[bytes, tuple[str, bool]] = {}
+        self._busy: set[_Upstream] = set()  # exchanges in progress, watched for the timeout
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Client(self), host, port, reuse_address=True)
+        self._watch()
         return self._server.sockets[0].getsockname()[1]
 
+    def _watch(self) -> None:
+        # One timer for all exchanges (checked every second or so) instead of one timer per request.
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for upstream in [u for u in self._busy if u.deadline <= now]:
+            upstream.timed_out()
+        self._watchdog = loop.call_later(min(1.0, self.upstream_timeout / 4), self._watch)
+
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -158,10 +171,10 @@ class _Pending:
 
     __slots__ = ("request", "message", "inject", "observe_as", "inference_id", "body", "reused")
 
-    def __init__(self, request: _Request, message: bytes, inject: bytes, observe_as: tuple[str, str] | None,
+    def __init__(self, request: _Request, message: list[bytes], inject: bytes, observe_as: tuple[str, str] | None,
                  inference_id: str, body: bytes) -> None:
         self.request = request
-        self.message = message
+        self.message = message  # the head and the body, written without joining them
         self.inject = inject
         self.observe_as = observe_as
         self.inference_id = inference_id
@@ -187,7 +200,7 @@ class _Upstream(asyncio.Protocol):
         self._body: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_only = False
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time after which the exchange in progress times out
         self.status = 0
         self.sent_anything = False
 
@@ -219,11 +232,11 @@ class _Upstream(asyncio.Protocol):
         self._headers = []
         self._head_only = pending.request.method == b"HEAD"
         self.sent_anything = False
-        self._timer = asyncio.get_running_loop().call_later(self.proxy.upstream_timeout, self._timed_out)
-        self.transport.write(pending.message)
+        self.deadline = asyncio.get_running_loop().time() + self.proxy.upstream_timeout
+        self.proxy._busy.add(self)
+        self.transport.writelines(pending.message)
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def timed_out(self) -> None:
         if self._client is not None:
             self.closed = True
             self._fail(asyncio.TimeoutError())
@@ -280,9 +293,7 @@ class _Upstream(asyncio.Protocol):
     def _detach(self) -> tuple[_Client | None, _Pending | None]:
         client, pending = self._client, self._pending
         self._client = self._pending = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.proxy._busy.discard(self)
         return client, pending
 
     def _complete(self) -> None:
@@ -423,7 +434,7 @@ class _Client(asyncio.Protocol):
                     observe_as = (model, (match.group(2) or b"").decode("utf-8", "replace"))
                     inference_id = self.proxy.new_inference_id()
                     inject = b"%s: %s\r\n" % (INFERENCE_ID_HEADER, inference_id.encode())
-        pending = _Pending(request, _request_head(request, len(body)) + body, inject, observe_as, inference_id,
+        pending = _Pending(request, [_request_head(request, len(body)), body], inject, observe_as, inference_id,
                            body)
         self._busy = True
         self._send(pending)

@@ -1,0 +1,343 @@
+"""The Triton sidecar's cost: direct to Triton vs. through the sidecar, side by side in one run.
+
+Starts `tritonserver` (sidecar/start_triton.sh) and the sidecar (`python -m edgecatch sidecar`, the
+default policy, a directory sink in a temporary folder) on free ports, then for each model
+(`trivial_detector`: fixed detections, the worst case for a proxy; `people_detector`: the real
+OpenCV detector), protocol (HTTP with binary tensors, gRPC with raw contents) and concurrency (1, 16)
+measures direct and sidecar runs back to back (ABAB when --repeat 2): requests/s, p50/p99 latency,
+and the sidecar's CPU time per request (utime+stime from /proc/<pid>/stat over the run).
+
+The load generator is built not to be the bottleneck: requests are serialised once, up front; each
+of --workers processes (spawned, so no grpc state crosses a fork) runs its share of the concurrency
+as threads that each hold one connection: a raw keep-alive socket for HTTP (send the prepared bytes,
+read the answer by Content-Length), a grpc channel with identity serialisers for gRPC. The report
+includes how much CPU the load generator, Triton and the sidecar used, and what everything else on
+the machine used during the run (the cores are shared).
+
+    .venv/bin/python benchmarks/bench_sidecar.py [--seconds 5] [--workers 2] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- the load generator (runs in worker processes) ------------------------------------------------
+
+def _http_loop(port: int, message: bytes, stop_at: float, start_at: float, out: list) -> None:
+    clock = time.perf_counter
+    errors = 0
+    latencies = []
+    sock = None
+    buffer = b""
+    while True:
+        begin = clock()
+        if begin >= stop_at:
+            break
+        try:
+            if sock is None:
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                buffer = b""
+            sock.sendall(message)
+            while b"\r\n\r\n" not in buffer:
+                chunk = sock.recv(262144)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                buffer += chunk
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            while len(buffer) < length:
+                chunk = sock.recv(262144)
+                if not chunk:
+                    raise ConnectionError("server closed the connection")
+                buffer += chunk
+            buffer = buffer[length:]
+            ok = head.startswith(b"HTTP/1.1 200")
+        except OSError:
+            if sock is not None:
+                sock.close()
+            sock, ok = None, False
+            time.sleep(0.01)
+        end = clock()
+        if not ok:
+            errors += 1
+        if begin >= start_at:
+            latencies.append(end - begin)
+    if sock is not None:
+        sock.close()
+    out.append((latencies, errors))
+
+
+def _grpc_loop(port: int, message: bytes, stop_at: float, start_at: float, out: list) -> None:
+    import grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1),
+                                                                  ("grpc.max_send_message_length", -1)])
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    clock = time.perf_counter
+    errors = 0
+    latencies = []
+    while True:
+        begin = clock()
+        if begin >= stop_at:
+            break
+        try:
+            call(message, timeout=60)
+        except grpc.RpcError:
+            errors += 1
+        end = clock()
+        if begin >= start_at:
+            latencies.append(end - begin)
+    channel.close()
+    out.append((latencies, errors))
+
+
+def _worker(conn) -> None:
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        protocol, port, message, threads, warmup, seconds, go_at = job
+        while time.time() < go_at:  # all workers start together
+            time.sleep(0.001)
+        now = time.perf_counter()
+        start_at, stop_at = now + warmup, now + warmup + seconds
+        loop = _http_loop if protocol == "http" else _grpc_loop
+        out: list = []
+        pool = [threading.Thread(target=loop, args=(port, message, stop_at, start_at, out)) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        conn.send(([x for lat, _ in out for x in lat], sum(e for _, e in out)))
+
+
+class LoadGenerator:
+    def __init__(self, workers: int) -> None:
+        context = mp.get_context("spawn")
+        self.pipes = []
+        self.processes = []
+        for _ in range(workers):
+            parent, child = context.Pipe()
+            process = context.Process(target=_worker, args=(child,), daemon=True)
+            process.start()
+            self.pipes.append(parent)
+            self.processes.append(process)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def run(self, protocol: str, port: int, message: bytes, concurrency: int, warmup: float,
+            seconds: float) -> tuple[list[float], int]:
+        used = self.pipes[:concurrency]  # concurrency 1: one worker, one thread
+        go_at = time.time() + 0.05
+        for index, pipe in enumerate(used):
+            threads = concurrency // len(used) + (1 if index < concurrency % len(used) else 0)
+            pipe.send((protocol, port, message, threads, warmup, seconds, go_at))
+        latencies: list[float] = []
+        errors = 0
+        for pipe in used:
+            lat, err = pipe.recv()
+            latencies += lat
+            errors += err
+        return latencies, errors
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.send(None)
+        for process in self.processes:
+            process.join(5)
+
+
+# -- CPU accounting ----------------------------------------------------------------------------------
+
+def cpu_seconds(pids) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the file)
+    return total / TICKS
+
+
+def group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid:  # pgrp
+                pids.append(int(entry))
+    return pids
+
+
+def machine_busy_seconds() -> float:
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
+# -- requests ---------------------------------------------------------------------------------------
+
+def jpeg_640x480() -> bytes:
+    from PIL import Image
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((640, 480)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def http_message(model: str, image: bytes) -> bytes:
+    import numpy as np
+    import tritonclient.http as http
+
+    tensor = http.InferInput("IMAGE", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[image]], dtype=object), binary_data=True)
+    outputs = [http.InferRequestedOutput(n, binary_data=True) for n in ("BOXES", "SCORES", "CLASSES")]
+    body, json_size = http.InferenceServerClient.generate_request_body([tensor], outputs=outputs)
+    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {json_size}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+def grpc_message(model: str, image: bytes) -> bytes:
+    from tritonclient.grpc import service_pb2
+
+    message = service_pb2.ModelInferRequest(model_name=model)
+    message.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1])
+    message.raw_input_contents.append(struct.pack("<I", len(image)) + image)
+    return message.SerializeToString()
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (trivial model)")
+    parser.add_argument("--people-seconds", type=float, default=8.0, help="measured seconds per run (people model)")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--workers", type=int, default=2, help="load generator processes")
+    parser.add_argument("--repeat", type=int, default=1, help="direct/sidecar pairs per cell (ABAB...)")
+    parser.add_argument("--models", default="trivial_detector,people_detector")
+    parser.add_argument("--protocols", default="http,grpc")
+    parser.add_argument("--concurrency", default="1,16")
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(REPO))
+    from tests.sidecar.processes import SidecarProcess, TritonProcess, triton_available
+
+    reason = triton_available()
+    if reason:
+        print(f"cannot run Triton here: {reason}", file=sys.stderr)
+        return 1
+    image = jpeg_640x480()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sidecar-"))
+    triton = TritonProcess(workdir / "triton.log")
+    sidecar = None
+    load = LoadGenerator(args.workers)
+    rows = []
+    try:
+        triton.start()
+        sidecar = SidecarProcess(workdir, triton, policies=REPO / "policies" / "default.yaml",
+                                 sink={"type": "directory", "path": str(workdir / "dataset")})
+        sidecar.start()
+        triton_pids = group_pids(triton.pid)
+        ours = [sidecar.pid, *triton_pids, *load.pids()]
+        print(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}  cpus={os.cpu_count()}  loadavg={os.getloadavg()}  "
+              f"image={len(image)} B  workers={args.workers}", flush=True)
+        for model in args.models.split(","):
+            seconds = args.people_seconds if model == "people_detector" else args.seconds
+            for protocol in args.protocols.split(","):
+                message = http_message(model, image) if protocol == "http" else grpc_message(model, image)
+                for concurrency in (int(c) for c in args.concurrency.split(",")):
+                    results: dict[str, list] = {"direct": [], "sidecar": []}
+                    for _ in range(args.repeat):
+                        for target in ("direct", "sidecar"):
+                            if protocol == "http":
+                                port = triton.http_port if target == "direct" else sidecar.http_port
+                            else:
+                                port = triton.grpc_port if target == "direct" else sidecar.grpc_port
+                            busy0, ours0, side0 = machine_busy_seconds(), cpu_seconds(ours), cpu_seconds([sidecar.pid])
+                            load0, triton0 = cpu_seconds(load.pids()), cpu_seconds(triton_pids)
+                            wall0 = time.monotonic()
+                            latencies, errors = load.run(protocol, port, message, concurrency, args.warmup, seconds)
+                            wall = time.monotonic() - wall0
+                            side = cpu_seconds([sidecar.pid]) - side0
+                            other = (machine_busy_seconds() - busy0) - (cpu_seconds(ours) - ours0)
+                            results[target].append({
+                                "rps": len(latencies) / seconds, "p50": percentile(latencies, 0.5) * 1e3,
+                                "p99": percentile(latencies, 0.99) * 1e3, "errors": errors,
+                                # the sidecar's CPU over warm-up + measurement, per request in that time
+                                "cpu_us": side / max(1, len(latencies) * (seconds + args.warmup) / seconds) * 1e6
+                                if target == "sidecar" else None,
+                                "load_cores": (cpu_seconds(load.pids()) - load0) / wall,
+                                "triton_cores": (cpu_seconds(triton_pids) - triton0) / wall,
+                                "other_cores": max(0.0, other / wall),
+                            })
+                    d = {k: statistics.median(r[k] for r in results["direct"]) for k in ("rps", "p50", "p99")}
+                    s = {k: statistics.median(r[k] for r in results["sidecar"]) for k in ("rps", "p50", "p99")}
+                    cpu = statistics.median(r["cpu_us"] for r in results["sidecar"])
+                    errors = sum(r["errors"] for rs in results.values() for r in rs)
+                    everything = results["direct"] + results["sidecar"]
+                    row = (model, protocol, concurrency, d, s, cpu, errors,
+                           max(r["load_cores"] for r in everything), max(r["other_cores"] for r in everything))
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+    finally:
+        load.close()
+        if sidecar is not None:
+            sidecar.stop()
+        triton.stop()
+    print()
+    print(table(rows))
+    return 0
+
+
+HEADER = ("| model | protocol | conc. | direct req/s | sidecar req/s | ratio | direct p50 / p99 ms | "
+          "sidecar p50 / p99 ms | added p50 ms | sidecar CPU µs/req | errors | load gen cores | other cores |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def format_row(row) -> str:
+    model, protocol, concurrency, d, s, cpu, errors, load_cores, other = row
+    return (f"| {model} | {protocol} | {concurrency} | {d['rps']:.0f} | {s['rps']:.0f} | "
+            f"{s['rps'] / d['rps'] * 100:.0f}% | {d['p50']:.2f} / {d['p99']:.2f} | {s['p50']:.2f} / {s['p99']:.2f} | "
+            f"{s['p50'] - d['p50']:+.2f} | {cpu:.0f} | {errors} | {load_cores:.2f} | {other:.2f} |")
+
+
+def table(rows) -> str:
+    return "\n".join([HEADER, *(format_row(r) for r in rows)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The gRPC relay's frame handling, on hand-built HTTP/2 byte streams fed in awkward pieces.
+
+The real-Triton tests (test_sidecar_triton.py) show the relay with grpc-core at both ends; these
+cover what grpc-core rarely sends: CONTINUATION frames, padding, compressed messages, messages split
+over frames and reads, and a header block the relay cannot decode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import struct
+
+import hpack
+import pytest
+from tritonclient.grpc import service_pb2
+
+from edgecatch.integrations.triton.grpc_proxy import (
+    MODEL_INFER, MODEL_STREAM_INFER, GrpcExchange, GrpcProxy, _Downstream, _Upstream)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HEADERS, DATA, CONTINUATION, SETTINGS, PING = 0x1, 0x0, 0x9, 0x4, 0x6
+END_STREAM, END_HEADERS, PADDED = 0x1, 0x4, 0x8
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + struct.pack(">I", stream) + payload
+
+
+def message(body: bytes, compressed: bool = False) -> bytes:
+    if compressed:
+        body = gzip.compress(body)
+    return bytes((1 if compressed else 0,)) + struct.pack(">I", len(body)) + body
+
+
+def infer_request(model: str) -> bytes:
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(b"\x03\x00\x00\x00abc")
+    return request.SerializeToString()
+
+
+def frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    out, offset = [], 0
+    while offset < len(data):
+        length = int.from_bytes(data[offset:offset + 3], "big")
+        kind, flags = data[offset + 3], data[offset + 4]
+        stream = struct.unpack(">I", data[offset + 5:offset + 9])[0]
+        out.append((kind, flags, stream, data[offset + 9:offset + 9 + length]))
+        offset += 9 + length
+    return out
+
+
+class Wire:
+    """A transport stand-in: collects what the relay writes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Relay:
+    def __init__(self, observed: set[str]) -> None:
+        self.exchanges: list[GrpcExchange] = []
+        self.unparsed: list[str] = []
+        ids = iter(f"w1-{n:016x}" for n in range(100))
+        self.proxy = GrpcProxy("127.0.0.1:1", observed_models=lambda m: m in observed,
+                               new_inference_id=lambda: next(ids), on_exchange=self.exchanges.append,
+                               on_unparsed=self.unparsed.append)
+        self.down = _Downstream(self.proxy)
+        self.down.transport = Wire()
+        self.up = _Upstream(self.down)
+        self.up.transport = Wire()
+        self.down.upstream = self.up
+
+    def client_sends(self, data: bytes, piece: int) -> None:
+        for start in range(0, len(data), piece):
+            self.down.data_received(data[start:start + piece])
+
+    def triton_sends(self, data: bytes, piece: int) -> None:
+        for start in range(0, len(data), piece):
+            self.up.data_received(data[start:start + piece])
+
+
+def client_stream(encoder: hpack.Encoder, stream: int, path: bytes, body: bytes, split_headers: bool) -> bytes:
+    block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", path.decode()),
+                            (":authority", "triton"), ("content-type", "application/grpc"), ("te", "trailers"),
+                            ("x-custom", "1" * 50)])
+    if split_headers:
+        out = frame(HEADERS, 0, stream, block[:10]) + frame(CONTINUATION, 0, stream, block[10:20]) + \
+            frame(CONTINUATION, END_HEADERS, stream, block[20:])
+    else:
+        out = frame(HEADERS, END_HEADERS, stream, block)
+    half = len(body) // 2
+    padded = bytes((3,)) + body[half:] + b"\x00\x00\x00"
+    return out + frame(DATA, 0, stream, body[:half]) + frame(DATA, END_STREAM | PADDED, stream, padded)
+
+
+def triton_stream(encoder: hpack.Encoder, stream: int, body: bytes, status: str = "0") -> bytes:
+    head = encoder.encode([(":status", "200"), ("content-type", "application/grpc")])
+    trailers = encoder.encode([("grpc-status", status), ("grpc-message", "")])
+    return frame(HEADERS, END_HEADERS, stream, head) + frame(DATA, 0, stream, body) + \
+        frame(HEADERS, END_HEADERS | END_STREAM, stream, trailers)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 64, 100_000])
+def test_unary_calls_relay_unchanged_but_for_the_id_in_the_trailers(piece):
+    async def run():
+        relay = Relay({"seen"})
+        client_enc, triton_enc = hpack.Encoder(), hpack.Encoder()
+        request_seen, request_other = infer_request("seen"), infer_request("other")
+        response = service_pb2.ModelInferResponse(model_name="seen").SerializeToString()
+        sent = PREFACE + frame(SETTINGS, 0, 0, b"") + \
+            client_stream(client_enc, 1, MODEL_INFER, message(request_seen), split_headers=True) + \
+            client_stream(client_enc, 3, MODEL_INFER, message(request_other), split_headers=False) + \
+            client_stream(client_enc, 5, MODEL_INFER, message(request_seen, compressed=True), split_headers=False) + \
+            client_stream(client_enc, 7, b"/inference.GRPCInferenceService/ServerLive", message(b""), False) + \
+            frame(PING, 0, 0, b"12345678")
+        relay.client_sends(sent, piece)
+        assert relay.up.transport.data == sent  # client -> Triton: byte for byte
+
+        answer = frame(SETTINGS, 0, 0, b"") + triton_stream(triton_enc, 1, message(response)) + \
+            triton_stream(triton_enc, 3, message(response)) + triton_stream(triton_enc, 5, message(response)) + \
+            triton_stream(triton_enc, 7, message(b""))
+        relay.triton_sends(answer, piece)
+        await asyncio.sleep(0)
+
+        got, expected = frames(relay.down.transport.data), frames(answer)
+        assert len(got) == len(expected)
+        decoder = hpack.Decoder()
+        ids = {}
+        for (kind, flags, stream, payload), (kind2, flags2, stream2, payload2) in zip(got, expected):
+            assert (kind, flags, stream) == (kind2, flags2, stream2)
+            if kind != HEADERS:
+                assert payload == payload2
+                continue
+            headers = decoder.decode(payload)  # one decoder for the whole connection: HPACK state holds
+            extra = [v for k, v in headers if k == "x-edgecatch-inference-id"]
+            if extra:
+                ids[stream] = extra[0]
+                assert payload.startswith(payload2)  # the id is appended, nothing else changes
+            else:
+                assert payload == payload2
+        assert set(ids) == {1, 5}  # observed model, including the gzip-compressed request
+        assert [e.inference_id for e in relay.exchanges] == [ids[1], ids[5]]
+        assert relay.exchanges[0].request == request_seen and relay.exchanges[1].request == request_seen
+        assert relay.exchanges[0].response == response
+        assert relay.down.streams == {}
+        assert relay.unparsed == []
+
+    asyncio.run(run())
+
+
+def test_stream_gets_one_id_in_its_headers_and_pairs_responses_with_requests():
+    async def run():
+        relay = Relay({"seen"})
+        client_enc, triton_enc = hpack.Encoder(), hpack.Encoder()
+        block = client_enc.encode([(":method", "POST"), (":path", MODEL_STREAM_INFER.decode())])
+        requests = b"".join(message(infer_request(m)) for m in ("seen", "other", "seen"))
+        relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block) + frame(DATA, 0, 1, requests), 5)
+        responses = [service_pb2.ModelStreamInferResponse(
+            infer_response=service_pb2.ModelInferResponse(model_name=str(n))).SerializeToString() for n in range(3)]
+        head = triton_enc.encode([(":status", "200"), ("content-type", "application/grpc")])
+        answer = frame(HEADERS, END_HEADERS, 1, head) + b"".join(frame(DATA, 0, 1, message(r)) for r in responses)
+        relay.triton_sends(answer, 3)
+        await asyncio.sleep(0)
+        (first, *rest) = frames(relay.down.transport.data)
+        stream_id = dict(hpack.Decoder().decode(first[3]))["x-edgecatch-inference-id"]
+        assert [e.inference_id for e in relay.exchanges] == [f"{stream_id}.0", f"{stream_id}.2"]
+        assert [e.response for e in relay.exchanges] == [responses[0], responses[2]]
+        assert all(e.streamed for e in relay.exchanges)
+        assert b"".join(frame(*f) for f in rest) == answer[9 + len(head):]
+
+    asyncio.run(run())
+
+
+def test_undecodable_headers_leave_the_connection_relayed_blind():
+    async def run():
+        relay = Relay({"seen"})
+        sent = PREFACE + frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff\x0f") + frame(DATA, END_STREAM, 1, b"x")
+        relay.client_sends(sent, 4)
+        assert relay.up.transport.data == sent
+        assert relay.unparsed == ["grpc_headers"] and relay.down.blind
+        answer = frame(HEADERS, END_HEADERS | END_STREAM, 1, b"\x88")
+        relay.triton_sends(answer, 2)
+        assert relay.down.transport.data == answer
+
+    asyncio.run(run())
+
+
+def test_garbage_request_message_is_counted_and_not_observed():
+    async def run():
+        relay = Relay({"seen"})
+        block = hpack.Encoder().encode([(":method", "POST"), (":path", MODEL_INFER.decode())])
+        relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block) +
+                           frame(DATA, END_STREAM, 1, message(b"\xff\xff not protobuf")), 1000)
+        assert relay.unparsed == ["grpc_request"] and relay.down.streams == {}
+
+    asyncio.run(run())
