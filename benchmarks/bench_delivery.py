@@ -3,7 +3,7 @@
     python benchmarks/bench_delivery.py handoff  [--n 200000]
     python benchmarks/bench_delivery.py spool    [--n 2000]   (100 KB JPEGs, fsync on)
     python benchmarks/bench_delivery.py deliver  [--n 3000] [--concurrency 8]
-    python benchmarks/bench_delivery.py memory   [--n 100000]
+    python benchmarks/bench_delivery.py memory   [--n 100000] [--max-backlog 2000]
 
 The Upload API server (tests/upload_api_server.py) runs in its own process on 127.0.0.1, as a
 destination would. Spools live in a temporary folder on the same disk as /tmp.
@@ -185,7 +185,7 @@ def bench_deliver(n: int, concurrency: int, port: int, image_kb: int) -> None:
 
 # -- memory ---------------------------------------------------------------------------------------
 
-def bench_memory(n: int, port: int, sink: str) -> None:
+def bench_memory(n: int, port: int, sink: str, max_backlog: int | None) -> None:
     server = start_server(port, "bench-key") if sink == "roboflow" else None
     image = jpeg_of_size(20_000)
     try:
@@ -201,8 +201,13 @@ def bench_memory(n: int, port: int, sink: str) -> None:
             samples: list[tuple[int, float]] = [(0, rss_mb())]
             start = time.perf_counter()
             submitted = 0
+            assert delivery.spool is not None
             while submitted < n:
                 # Offer as fast as delivery takes them (a full queue would drop: wait instead, here).
+                # With --max-backlog, also keep the spool's backlog bounded (steady state).
+                if max_backlog is not None and len(delivery.spool) > max_backlog:
+                    time.sleep(0.01)
+                    continue
                 if delivery.submit(Observation(model="people", image_width=320, image_height=240,
                                                detections=OBSERVATION.detections,
                                                inference_id=f"w1-{submitted:016x}"),
@@ -211,7 +216,7 @@ def bench_memory(n: int, port: int, sink: str) -> None:
                     if submitted % 10_000 == 0:
                         samples.append((delivery.uploader.delivered, rss_mb()))
                         print(f"  submitted {submitted}, delivered {delivery.uploader.delivered}, "
-                              f"RSS {samples[-1][1]:.1f} MB", flush=True)
+                              f"spooled {len(delivery.spool)}, RSS {samples[-1][1]:.1f} MB", flush=True)
                 else:
                     time.sleep(0.001)
             delivery.wait_idle(600)
@@ -236,6 +241,8 @@ def main() -> None:
     parser.add_argument("--image-kb", type=int, default=20)
     parser.add_argument("--sink", choices=["roboflow", "directory"], default="roboflow")
     parser.add_argument("--port", type=int, default=9187)
+    parser.add_argument("--max-backlog", type=int, default=None,
+                        help="memory: pause submitting while more than this many samples are spooled")
     args = parser.parse_args()
     if args.what == "handoff":
         bench_handoff(args.n or 200_000)
@@ -244,7 +251,7 @@ def main() -> None:
     elif args.what == "deliver":
         bench_deliver(args.n or 3000, args.concurrency, args.port, args.image_kb)
     else:
-        bench_memory(args.n or 100_000, args.port, args.sink)
+        bench_memory(args.n or 100_000, args.port, args.sink, args.max_backlog)
 
 
 if __name__ == "__main__":

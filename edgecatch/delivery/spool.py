@@ -241,6 +241,8 @@ class Spool:
         self._claimed: set[str] = set()
         self._busy_elsewhere: dict[str, float] = {}
         self._last_scan = 0.0
+        self._overflow_logged = -1e9
+        self._overflow_count = 0
         self._dropped_full = metrics.dropped.labels("spool_full")
         self._dropped_error = metrics.dropped.labels("spool_error")
         self._opened = False
@@ -352,6 +354,7 @@ class Spool:
                 name = f"{record.sample_id}{ENTRY_SUFFIX}"
                 if not self._make_room(len(data)):
                     self._dropped_full.inc()
+                    self._log_overflow("a new sample")
                     accepted.append(False)
                     continue
                 tmp = self.tmp_dir / f"{name}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -422,10 +425,22 @@ class Spool:
             _unlink_quiet(path)
             _unlink_quiet(self.ready_dir / f"{name[: -len(ENTRY_SUFFIX)]}{STATE_SUFFIX}")
             self._dropped_full.inc()
-            log.warning("spool full: dropped the oldest sample %s", name[: -len(ENTRY_SUFFIX)])
+            self._log_overflow("the oldest sample")
         finally:
             os.close(fd)
             self._forget(name)
+
+    def _log_overflow(self, which: str) -> None:
+        """One warning a minute at most: a full spool drops on every put, the log must not flood."""
+        self._overflow_count += 1
+        now = time.monotonic()
+        if now - self._overflow_logged >= 60.0:
+            log.warning("spool full (%d items, %d bytes; bounds %d items, %d bytes): dropped %s; "
+                        "%d dropped since the last warning (edgecatch_dropped_total{reason=\"spool_full\"})",
+                        len(self._index), self._bytes, self.max_items, self.max_bytes, which,
+                        self._overflow_count)
+            self._overflow_logged = now
+            self._overflow_count = 0
 
     def _forget(self, name: str) -> None:
         with self._lock:

@@ -123,11 +123,12 @@ def test_leftovers_of_a_crashed_writer_are_cleaned(tmp_path, metrics):
     assert len(list((tmp_path / "ready").iterdir())) == 1
 
 
-def test_overflow_drop_oldest_by_items(tmp_path, metrics, registry):
+def test_overflow_drop_oldest_by_items(tmp_path, metrics, registry, caplog):
     spool = new_spool(tmp_path, metrics, max_items=5, overflow="drop_oldest")
     ids = fill_spool(spool, 8)
     assert len(spool) == 5
     assert registry.get_sample_value("edgecatch_dropped_total", {"reason": "spool_full"}) == 3
+    assert len([r for r in caplog.records if "spool full" in r.getMessage()]) == 1  # not one per drop
     assert drain(spool) == ids[3:]
 
 
