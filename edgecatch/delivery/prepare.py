@@ -114,13 +114,19 @@ def prepare_image(image: Any, max_size: int, jpeg_quality: int) -> tuple[Prepare
         orientation = int(opened.getexif().get(_EXIF_ORIENTATION, 1) or 1)
     except Exception:
         orientation = 1
-    oriented = ImageOps.exif_transpose(opened) if orientation != 1 else opened
-    width, height = oriented.size
+    swapped = orientation in (5, 6, 7, 8)
+    width, height = (source_height, source_width) if swapped else (source_width, source_height)
     scale = min(1.0, max_size / max(width, height))
-    resized = oriented
-    if scale < 1.0:
-        resized = oriented.resize(
-            (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if scale < 0.5 and opened.format == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale (never below the target): a 12 MP photo then
+        # costs a fraction of a full decode. Box scaling does not depend on it (it uses `target`).
+        opened.draft("RGB", (target[1], target[0]) if swapped else target)
+    try:
+        oriented = ImageOps.exif_transpose(opened) if orientation != 1 else opened
+        resized = oriented if oriented.size == target else oriented.resize(target, Image.Resampling.LANCZOS)
+    except OSError as exc:  # truncated data surfaces when the pixels are read
+        raise ImageError(f"cannot decode image: {exc}") from None
     if resized.mode not in ("RGB", "L"):
         resized = resized.convert("RGB")
     out = io.BytesIO()
