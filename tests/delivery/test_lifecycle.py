@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import threading
+from datetime import datetime
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from edgecatch.delivery import Delivery, State
 from edgecatch.delivery.config import DeliveryConfig
+from edgecatch.delivery.schedule import Windows
 from edgecatch.observation import Detection, Observation
 from edgecatch.policies.decision import Decision
 from edgecatch.policies.schema import ImageSettings
@@ -97,3 +100,28 @@ def test_graceful_stop_leaves_the_rest_spooled_and_a_restart_delivers_it(server,
         assert again.stop() is True
     assert all(count == 1 for count in server.store.stored_names.values())
     assert again.health()["delivery_state"] == "stopped" and again.health()["delivered"] == 30
+
+
+@pytest.mark.parametrize("overflow", ["drop_oldest", "drop_newest"])
+def test_spool_full_applies_the_overflow_rule_end_to_end(overflow, server, roboflow_config, metrics, registry):
+    config = roboflow_config(max_items=5, overflow=overflow, windows=["01:00-02:00"])
+    now = [datetime(2026, 11, 24, 12, 0)]  # outside the window: nothing is claimed, the spool fills
+    delivery = Delivery(config, metrics=metrics, windows=Windows(config.parsed_windows(), now=lambda: now[0]))
+    delivery.start()
+    try:
+        def full_drops() -> float:
+            return registry.get_sample_value("edgecatch_dropped_total", {"reason": "spool_full"}) or 0
+
+        for i in range(8):  # one at a time, so the order of arrival is known
+            assert delivery.submit(observation(i), jpeg(), DECISION)
+            wait_for(lambda: delivery.spooled + (full_drops() if overflow == "drop_newest" else 0) == i + 1,
+                     what="the sample to be spooled")
+        assert full_drops() == 3
+        assert len(delivery.spool) == 5
+        now[0] = datetime(2026, 11, 25, 1, 0)
+        wait_for(lambda: len(server.annotated()) == 5, what="the five kept samples")
+    finally:
+        delivery.stop()
+    kept = sorted(image.params["inference_id"][0] for image in server.images_by_name().values())
+    expected = range(3, 8) if overflow == "drop_oldest" else range(0, 5)
+    assert kept == [f"w1-{i:016x}" for i in expected]
