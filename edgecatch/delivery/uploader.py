@@ -113,16 +113,20 @@ class Uploader:
                 raise
 
     def _gate_delay(self) -> float:
+        """How long this worker must wait before taking a sample (0: go)."""
+        closed = self.windows.seconds_until_open()
+        if closed > 0:
+            # Outside a window: look again now and then (clocks get adjusted; windows are coarse).
+            return min(closed, 30 * self.config.poll_seconds)
         now = self._monotonic()
         if self._paused:
-            if self._probing or now < self._not_before:
-                return max(0.2, self._not_before - now) if not self._probing else 0.2
-            self._probing = True  # one worker sends a probe; the others keep waiting
+            if self._probing:
+                return 0.2  # another worker is probing the credentials
+            if now < self._not_before:
+                return self._not_before - now
+            self._probing = True  # this worker sends the probe
             return 0.0
-        if now < self._not_before:
-            return self._not_before - now
-        # Outside a window: look again now and then (the clock may be adjusted, windows are coarse).
-        return min(self.windows.seconds_until_open(), 30 * self.config.poll_seconds)
+        return max(0.0, self._not_before - now)
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake early for a stop or drain (capped so window/pause changes are noticed)."""
