@@ -658,8 +658,9 @@ class Spool:
             return removed
         folder = self.dead_dir if what == "dead" else self.quarantine_dir
         for entry in os.scandir(folder):
-            if what == "quarantine" or entry.name.endswith(ENTRY_SUFFIX):
-                removed += 1 if not entry.name.endswith((".reason.txt", STATE_SUFFIX)) else 0
+            # Count entries, not the files beside them (answers, reasons, states).
+            if not entry.name.endswith((".answer.json", ".reason.txt", STATE_SUFFIX)):
+                removed += 1
             _unlink_quiet(Path(entry.path))
         return removed
 
