@@ -168,6 +168,15 @@ def build_record(sample_id: str, created: float, observation: Observation, decis
         SampleDetection(d.class_name, d.class_id, float(d.confidence), transform_box(d.box, prepared, reference))
         for d in observation.detections)
     classification = observation.classification
+    corrected = observation.corrected
+    corrected_detections = ()
+    corrected_classification: tuple[tuple[str, float], ...] = ()
+    if isinstance(corrected, tuple):
+        corrected_detections = tuple(
+            SampleDetection(d.class_name, d.class_id, float(d.confidence), transform_box(d.box, prepared, reference))
+            for d in corrected)
+    elif corrected is not None:
+        corrected_classification = tuple(corrected.ranked)
     return SampleRecord(
         sample_id=sample_id,
         created=created,
@@ -184,5 +193,8 @@ def build_record(sample_id: str, created: float, observation: Observation, decis
         detections=detections,
         classification=tuple(classification.ranked) if classification is not None else (),
         feedback=observation.feedback.value if observation.feedback is not None else "",
+        feedback_note=observation.feedback_note,
+        corrected=corrected_detections,
+        corrected_classification=corrected_classification,
         extra={str(k): str(v) for k, v in observation.extra.items()},
     )

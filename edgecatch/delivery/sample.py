@@ -74,6 +74,10 @@ class SampleRecord:
     #: (class, probability) from the most to the least likely; empty for detections.
     classification: tuple[tuple[str, float], ...] = ()
     feedback: str = ""
+    #: What the user wrote with a verdict, and the labels they say are right (prepared image's pixels).
+    feedback_note: str = ""
+    corrected: tuple[SampleDetection, ...] = ()
+    corrected_classification: tuple[tuple[str, float], ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -95,8 +99,17 @@ class SampleRecord:
             "inference_id": self.inference_id,
             "created": self.created,
         }
+        if self.policy in self.reasons:
+            meta["reason"] = self.reasons[self.policy]
         if self.feedback:
             meta["feedback"] = self.feedback
+        if self.feedback_note:
+            meta["feedback_note"] = self.feedback_note
+        if self.corrected:
+            meta["corrected"] = [{"class": d.class_name, "class_id": d.class_id, "box": list(d.box)}
+                                 for d in self.corrected]
+        if self.corrected_classification:
+            meta["corrected_classification"] = dict(self.corrected_classification)
         if self.extra:
             meta["extra"] = dict(self.extra)
         return meta
@@ -116,4 +129,10 @@ class SampleRecord:
                             tuple(float(v) for v in d["box"]))  # type: ignore[arg-type]
             for d in data.get("detections", ()))
         data["classification"] = tuple((str(name), float(p)) for name, p in data.get("classification", ()))
+        data["corrected"] = tuple(
+            SampleDetection(d["class_name"], int(d["class_id"]), float(d["confidence"]),
+                            tuple(float(v) for v in d["box"]))  # type: ignore[arg-type]
+            for d in data.get("corrected", ()))
+        data["corrected_classification"] = tuple(
+            (str(name), float(p)) for name, p in data.get("corrected_classification", ()))
         return cls(**data)
