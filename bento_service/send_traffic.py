@@ -106,7 +106,7 @@ def main() -> int:
         else:
             policy = entry.get("policy", "?")
             by_policy[policy] = by_policy.get(policy, 0) + 1
-            reason = (entry.get("reasons") or {}).get(policy, "")
+            reason = entry.get("reason", "")
             what = f"{policy} ({reason})"
         feedback = f" [verdict: {verdicts[inference_id]}]" if inference_id in verdicts else ""
         print(f"{name[:28]:28} {inference_id[:28]:28} {count:>4}  {what}{feedback}")
