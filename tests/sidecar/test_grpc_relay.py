@@ -206,3 +206,17 @@ def test_garbage_request_message_is_counted_and_not_observed():
         assert relay.unparsed == ["grpc_request"] and relay.down.streams == {}
 
     asyncio.run(run())
+
+
+def test_a_stream_without_answers_holds_a_bounded_number_of_requests():
+    async def run():
+        relay = Relay({"seen"})
+        block = hpack.Encoder().encode([(":method", "POST"), (":path", MODEL_STREAM_INFER.decode())])
+        relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block), 1000)
+        for _ in range(100):
+            relay.client_sends(frame(DATA, 0, 1, message(infer_request("seen"))), 1000)
+        (stream,) = relay.down.streams.values()
+        assert len(stream.requests.done) == 64
+        assert relay.unparsed == ["grpc_stream_unanswered"] * 36
+
+    asyncio.run(run())

@@ -194,3 +194,31 @@ def test_upstream_down_gives_502_then_recovers(harness):
     harness.proxy.upstream_port = harness.up_port
     out = raw_exchange(harness, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200")
+
+
+def test_slow_upstream_times_out_with_502():
+    async def run():
+        async def slow(request: web.Request) -> web.Response:
+            await asyncio.sleep(1)  # past the proxy's 0.2 s timeout
+            return web.Response(body=b"late")
+
+        app = web.Application()
+        app.router.add_get("/slow", slow)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        up_port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", up_port).start()
+        proxy = HttpProxy("127.0.0.1", up_port, observed_models=lambda m: False, new_inference_id=lambda: "x",
+                          on_exchange=lambda e: None, upstream_timeout=0.2)
+        port = await proxy.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.readuntil(b"}"), 10)
+        writer.close()
+        await proxy.close()
+        await runner.cleanup()
+        return answer
+
+    answer = asyncio.run(run())
+    assert answer.startswith(b"HTTP/1.1 502") and answer.endswith(b'{"error":"edgecatch sidecar: Triton timed out"}')

@@ -57,6 +57,7 @@ _MIN_MAX_FRAME_SIZE = 16384  # every peer accepts frames this large; an id that 
 _HEADER = struct.Struct(">HBBBI")  # length (3 bytes, split 2+1), type, flags, stream id (31 bits)
 _ID_LITERAL = b"\x00" + bytes([len(INFERENCE_ID_KEY)]) + INFERENCE_ID_KEY.encode()
 _UNARY, _STREAM = 1, 2
+_MAX_UNANSWERED = 64  # stream requests kept while waiting for their responses
 
 
 @dataclass(slots=True)
@@ -364,6 +365,11 @@ class _Downstream(asyncio.Protocol):
 
     def _request_data(self, stream_id: int, stream: _Stream, payload: bytes) -> None:
         stream.requests.feed(payload)
+        if stream.kind == _STREAM and len(stream.requests.done) > _MAX_UNANSWERED:
+            # Requests of a stream wait here for their responses; a model that answers none of them
+            # (decoupled) must not make the relay hold every request: the oldest is let go, counted.
+            del stream.requests.done[0]
+            self.proxy.on_unparsed("grpc_stream_unanswered")
         if stream.kind == _UNARY and stream.model_ok is None and stream.requests.done:
             model = _model_name(stream.requests.done[0])
             if model is None:

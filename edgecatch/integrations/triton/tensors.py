@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,8 @@ _NUMPY_TYPES = {
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }
+
+_NUMPY_DTYPES = {name: np.dtype(t) for name, t in _NUMPY_TYPES.items()}
 
 # Which typed `contents` field of InferTensorContents holds each datatype (gRPC).
 _GRPC_CONTENTS = {
@@ -47,13 +48,20 @@ class TensorError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
 class Tensor:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    #: numpy array shaped `shape`; BYTES tensors are object arrays of `bytes`.
-    array: np.ndarray
+    """One named tensor. A plain slotted class: one is built per tensor of every observed call."""
+
+    __slots__ = ("name", "datatype", "shape", "array")
+
+    def __init__(self, name: str, datatype: str, shape: tuple[int, ...], array: np.ndarray) -> None:
+        self.name = name
+        self.datatype = datatype
+        self.shape = shape
+        #: numpy array shaped `shape`; BYTES tensors are object arrays of `bytes`.
+        self.array = array
+
+    def __repr__(self) -> str:
+        return f"Tensor({self.name!r}, {self.datatype}, {list(self.shape)})"
 
 
 def _bytes_elements(raw: bytes | memoryview, count: int | None) -> list[bytes]:
@@ -80,10 +88,10 @@ def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | mem
         array = np.empty(count, dtype=object)
         array[:] = _bytes_elements(raw, count)
         return Tensor(name, datatype, shape, array.reshape(shape))
-    dtype = _NUMPY_TYPES.get(datatype)
+    dtype = _NUMPY_DTYPES.get(datatype)
     if dtype is None:
         raise TensorError("datatype", f"datatype {datatype} is not read by edgecatch")
-    expected = count * np.dtype(dtype).itemsize
+    expected = count * dtype.itemsize
     if len(raw) != expected:
         raise TensorError("tensor", f"tensor {name}: {len(raw)} bytes, shape {list(shape)} {datatype} needs {expected}")
     return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape))
@@ -110,7 +118,7 @@ def split_http_body(body: bytes, header_length: int | None) -> tuple[dict[str, A
     if header_length < 0 or header_length > len(body):
         raise TensorError("header", f"Inference-Header-Content-Length {header_length} exceeds the body")
     try:
-        header = json.loads(view[:header_length].tobytes())
+        header = json.loads(str(view[:header_length], "utf-8"))  # str: skips json's encoding sniffing
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise TensorError("json", f"not JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -126,7 +134,7 @@ def http_tensors(body: bytes, header_length: int | None, key: str) -> tuple[dict
     for spec in header.get(key) or ():
         try:
             name, datatype = spec["name"], spec["datatype"]
-            shape = tuple(int(d) for d in spec["shape"])
+            shape = tuple(map(int, spec["shape"]))
         except (KeyError, TypeError, ValueError):
             raise TensorError("json", f"a tensor in '{key}' lacks name, datatype or shape") from None
         size = (spec.get("parameters") or {}).get("binary_data_size")
@@ -148,7 +156,7 @@ def grpc_tensors(message: Any, key: str) -> dict[str, Tensor]:
     raw = message.raw_input_contents if key == "inputs" else message.raw_output_contents
     tensors: dict[str, Tensor] = {}
     for index, spec in enumerate(specs):
-        shape = tuple(int(d) for d in spec.shape)
+        shape = tuple(spec.shape)
         if raw:
             if index >= len(raw):
                 raise TensorError("tensor", f"no raw contents for {spec.name}")
