@@ -70,10 +70,17 @@ class Collector:
         self.policies = PolicyStore(
             config.policies, state=EngineState(limiter=self.limiter),
             poll_interval=config.policy_reload_seconds, clock=clock,
-            on_reload=lambda outcome: self.metrics.policy_reloads.labels(outcome).inc())
+            on_reload=self._policy_reloaded)
         self.recall = RecallBuffer(
             max_items=config.recall.max_items, max_bytes=config.recall.max_bytes,
             max_age_seconds=config.recall.max_age_seconds)
+        metrics = self.metrics
+        # Known label values at 0 from the start (increase() cannot see a series' first sample).
+        for outcome in ("success", "failure"):
+            metrics.policy_reloads.labels(outcome)
+        for verdict in Verdict:
+            metrics.feedback.labels(verdict.value)
+        metrics.policy_reload_failing.set(0)
         if delivery is None:
             from edgecatch.delivery import Delivery
 
@@ -128,6 +135,10 @@ class Collector:
     def submit(self, observation: Observation, image: Any, decision: Decision) -> bool:
         """Hand a selected sample to delivery: a bounded non-blocking put (full: dropped and counted)."""
         return self.delivery.submit(observation, image, decision, self.policies.current.image)
+
+    def _policy_reloaded(self, outcome: str) -> None:
+        self.metrics.policy_reloads.labels(outcome).inc()
+        self.metrics.policy_reload_failing.set(1 if outcome == "failure" else 0)
 
     def _limiter_event(self, event: LimiterEvent) -> None:
         metrics = self.metrics
@@ -190,6 +201,8 @@ class Collector:
                 self._child(metrics.detections, model).observe(len(observation.detections))
                 for detection in observation.detections:
                     self._confidence_child(model, detection.class_name).observe(detection.confidence)
+        for name in decision.matched:
+            self._child(metrics.policy_matches, model, name).inc()
         if decision.selected:
             self._child(metrics.samples, model, decision.policy).inc()
         for name in decision.limited:

@@ -12,11 +12,20 @@ import threading
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics", "get_metrics", "CONFIDENCE_BUCKETS"]
+__all__ = ["Metrics", "get_metrics", "CONFIDENCE_BUCKETS", "DROP_REASONS", "upload_failure_reason"]
 
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 DETECTION_COUNT_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
 UPLOAD_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+#: Every reason a selected sample can be dropped for (`edgecatch_dropped_total{reason}`). Known label
+#: values are exported at 0 from the start: `increase()` cannot see a counter's first increment if
+#: its series only appears with it, and an alert on drops would miss the first one.
+DROP_REASONS = ("queue_full", "not_running", "shutdown", "bad_image", "prepare_error", "spool_full",
+                "spool_error")
+#: `edgecatch_upload_failures_total{reason}`: what went wrong, in a bounded set of values.
+UPLOAD_FAILURE_REASONS = ("no_answer", "http_5xx", "http_429", "http_401", "http_403", "http_4xx",
+                          "bad_answer", "unexpected")
 
 
 class Metrics:
@@ -39,12 +48,21 @@ class Metrics:
         # Sampling.
         self.samples = Counter(
             "edgecatch_samples", "Predictions selected for labeling", ["model", "policy"], **kw)
+        # What each policy would cost without sampling and limits: matches / samples per policy says
+        # whether its `sample` rate or its limit is doing the cutting.
+        self.policy_matches = Counter(
+            "edgecatch_policy_matches", "Predictions (and feedback events) whose policy conditions held, "
+            "selected or not", ["model", "policy"], **kw)
         self.limited = Counter(
             "edgecatch_limited", "Policy matches refused because a limit was reached", ["policy"], **kw)
         self.feedback = Counter(
             "edgecatch_feedback", "Feedback events by verdict", ["verdict"], **kw)
         self.policy_reloads = Counter(
             "edgecatch_policy_reloads", "Policy file reloads by outcome", ["outcome"], **kw)
+        # The state behind a failed reload: the counter says it happened, this says it still holds.
+        self.policy_reload_failing = Gauge(
+            "edgecatch_policy_reload_failing", "1 while the policy file on disk is invalid and the last "
+            "good policies are in use", multiprocess_mode="livemax", **kw)
         # Shared limits (the Redis limiter backend). Across workers the gauge aggregates by minimum:
         # one worker that cannot reach Redis is an outage.
         self.limiter_available = Gauge(
@@ -65,6 +83,11 @@ class Metrics:
         self.spool_bytes = Gauge(
             "edgecatch_spool_bytes", "Bytes of samples waiting in the spool",
             multiprocess_mode="livemax", **kw)
+        # A timestamp rather than an age: it stays right between updates (age = time() - value).
+        # 0 while the spool is empty; across workers the maximum (those that see entries win).
+        self.spool_oldest = Gauge(
+            "edgecatch_spool_oldest_sample_timestamp_seconds", "Creation time (Unix seconds) of the "
+            "oldest sample waiting in the spool, 0 when it is empty", multiprocess_mode="livemax", **kw)
         self.spool_quarantined = Counter(
             "edgecatch_spool_quarantined", "Torn or corrupt spool entries moved to the quarantine folder",
             **kw)
@@ -76,9 +99,29 @@ class Metrics:
             "credentials (401/403): an alarm", ["sink"], multiprocess_mode="livemax", **kw)
         self.uploads = Counter(
             "edgecatch_uploads", "Upload attempts by sink and outcome", ["sink", "outcome"], **kw)
+        self.upload_failures = Counter(
+            "edgecatch_upload_failures", "Failed upload attempts by sink and what went wrong (no answer, "
+            "HTTP status class, an answer that is not the API's)", ["sink", "reason"], **kw)
         self.upload_seconds = Histogram(
             "edgecatch_upload_seconds", "Time to deliver one sample", ["sink"],
             buckets=UPLOAD_SECONDS_BUCKETS, **kw)
+
+
+def upload_failure_reason(status: int | None, message: str = "") -> str:
+    """The bounded `reason` label of a failed attempt, from the HTTP status.
+
+    No status: `no_answer` (refused, reset, timeout; a directory sink's I/O error), or `unexpected`
+    (a bug in a sink, caught by the uploader).
+    """
+    if status is None:
+        return "unexpected" if message.startswith("unexpected") else "no_answer"
+    if status in (401, 403, 429):
+        return f"http_{status}"
+    if 500 <= status < 600:
+        return "http_5xx"
+    if 400 <= status < 500:
+        return "http_4xx"
+    return "bad_answer"  # a 2xx/3xx that is not the API's JSON
 
 
 _lock = threading.Lock()

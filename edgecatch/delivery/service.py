@@ -21,7 +21,7 @@ import time
 from collections import deque
 from typing import Any, NamedTuple
 
-from edgecatch.metrics import Metrics, get_metrics
+from edgecatch.metrics import DROP_REASONS, Metrics, get_metrics
 from edgecatch.observation import Observation
 from edgecatch.policies.decision import Decision
 
@@ -79,6 +79,8 @@ class Delivery:
         self._preparing = 0
         self._state = State.NEW
         self._lock = threading.Lock()
+        for reason in DROP_REASONS:  # exported at 0 from the start: alerts see the first drop
+            self.metrics.dropped.labels(reason)
         self._dropped_full = self.metrics.dropped.labels("queue_full")
         self._dropped_stopped = self.metrics.dropped.labels("not_running")
         self.spool: Spool | None = None

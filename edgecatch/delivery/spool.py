@@ -452,6 +452,11 @@ class Spool:
     def _update_gauges(self) -> None:
         self.metrics.spool_items.set(len(self._index))
         self.metrics.spool_bytes.set(self._bytes)
+        try:
+            oldest = next(iter(self._index), None)
+        except RuntimeError:  # changed by another thread just now: its own update follows
+            return
+        self.metrics.spool_oldest.set((_created(oldest) or 0.0) if oldest else 0.0)
 
     # -- claiming ------------------------------------------------------------------------------
 
@@ -603,12 +608,7 @@ class Spool:
         with self._lock:
             names = list(self._index)
             total = self._bytes
-        oldest = None
-        if names:
-            try:
-                oldest = int(names[0][:12], 16) / 1000.0
-            except ValueError:
-                oldest = None
+        oldest = _created(names[0]) if names else None
         states = sum(1 for e in os.scandir(self.ready_dir) if e.name.endswith(STATE_SUFFIX))
         dead = sum(1 for e in os.scandir(self.dead_dir) if e.name.endswith(ENTRY_SUFFIX))
         quarantined = sum(1 for e in os.scandir(self.quarantine_dir) if not e.name.endswith(".reason.txt"))
@@ -663,6 +663,14 @@ class Spool:
                 removed += 1
             _unlink_quiet(Path(entry.path))
         return removed
+
+
+def _created(name: str) -> float | None:
+    """An entry's creation time from its name (sample ids start with milliseconds in hex)."""
+    try:
+        return int(name[:12], 16) / 1000.0
+    except ValueError:
+        return None
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -18,7 +18,7 @@ import random
 import time
 from typing import Callable
 
-from edgecatch.metrics import Metrics
+from edgecatch.metrics import UPLOAD_FAILURE_REASONS, Metrics, upload_failure_reason
 
 from .config import DeliveryConfig
 from .errors import AuthError, DeliveryError, RejectedError, TransientError
@@ -58,6 +58,11 @@ class Uploader:
         self._outcomes = {name: metrics.uploads.labels(sink.name, name) for name in (
             "delivered", "duplicate", "transient_error", "rate_limited", "auth_error", "rejected")}
         self._seconds = metrics.upload_seconds.labels(sink.name)
+        # Known label values exported at 0 from the start, so rate()/increase() see the first one.
+        self._failures_by_reason = {reason: metrics.upload_failures.labels(sink.name, reason)
+                                    for reason in UPLOAD_FAILURE_REASONS}
+        for reason in ("rejected", "too_many_attempts"):
+            metrics.dead_letters.labels(sink.name, reason)
         self.delivered = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -161,10 +166,12 @@ class Uploader:
             self._transient(claim, exc)
         except AuthError as exc:
             self._outcomes["auth_error"].inc()
+            self._count_failure(exc)
             claim.release()
             self._pause(exc)
         except RejectedError as exc:
             self._outcomes["rejected"].inc()
+            self._count_failure(exc)
             self._healthy()
             await self._dead_letter(claim, "rejected", exc)
         except DeliveryError as exc:  # a new kind nobody mapped: treat as transient, loudly
@@ -197,10 +204,14 @@ class Uploader:
         delay = min(retry.max_seconds, retry.initial_seconds * retry.multiplier ** max(0, failures - 1))
         return delay * (1.0 - retry.jitter * self._rng.random())
 
+    def _count_failure(self, exc: DeliveryError) -> None:
+        self._failures_by_reason[upload_failure_reason(exc.status, str(exc))].inc()
+
     def _transient(self, claim: Claim, exc: TransientError) -> None:
         retry = self.config.retry
         rate_limited = exc.status == 429
         self._outcomes["rate_limited" if rate_limited else "transient_error"].inc()
+        self._count_failure(exc)
         if self._paused:  # a probe that hit a transient error: stay paused, probe again later
             self._probing = False
             self._not_before = self._monotonic() + retry.auth_pause_seconds

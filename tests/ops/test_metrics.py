@@ -1,0 +1,61 @@
+"""The metrics ops rely on, read from a fresh registry: the backlog's age, failures by reason, and
+label values exported at 0 before anything happens (so `increase()` sees the first event)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from edgecatch.delivery.spool import Spool
+from edgecatch.metrics import DROP_REASONS, Metrics, upload_failure_reason
+from tests.delivery.conftest import jpeg, make_record
+
+
+def sample_id_at(seconds: float) -> str:
+    """A sample id created at a given time (`new_sample_id` never goes back in time in a process)."""
+    return f"{int(seconds * 1000):012x}0000{os.urandom(8).hex()}"
+
+
+@pytest.mark.parametrize("status, message, reason", [
+    (None, "upload: timeout (TimeoutError)", "no_answer"),
+    (None, "unexpected KeyError", "unexpected"),
+    (500, "", "http_5xx"), (502, "", "http_5xx"), (429, "", "http_429"), (401, "", "http_401"),
+    (403, "", "http_403"), (400, "", "http_4xx"), (404, "", "http_4xx"), (200, "", "bad_answer"),
+])
+def test_upload_failure_reasons_are_a_bounded_set(status, message, reason):
+    assert upload_failure_reason(status, message) == reason
+
+
+def test_spool_exports_the_oldest_waiting_samples_creation_time(tmp_path):
+    registry = CollectorRegistry()
+    spool = Spool(tmp_path, max_bytes=10**9, max_items=10**6, metrics=Metrics(registry)).open()
+    oldest = "edgecatch_spool_oldest_sample_timestamp_seconds"
+    assert registry.get_sample_value(oldest) == 0  # empty
+    first = make_record(sample_id=sample_id_at(1_700_000_000.0))
+    second = make_record(sample_id=sample_id_at(1_700_000_100.0))
+    spool.put(first, jpeg())
+    spool.put(second, jpeg())
+    assert registry.get_sample_value(oldest) == 1_700_000_000.0
+    claim = spool.claim()
+    assert claim is not None and claim.sample_id == first.sample_id
+    claim.done()
+    assert registry.get_sample_value(oldest) == 1_700_000_100.0
+    # A restart finds the backlog's age in the folder.
+    reopened_registry = CollectorRegistry()
+    Spool(tmp_path, max_bytes=10**9, max_items=10**6, metrics=Metrics(reopened_registry)).open()
+    assert reopened_registry.get_sample_value(oldest) == 1_700_000_100.0
+    claim = spool.claim()
+    claim.done()
+    assert registry.get_sample_value(oldest) == 0
+
+
+def test_known_label_values_exist_at_zero_before_any_event(tmp_path):
+    from edgecatch.delivery import Delivery
+    from edgecatch.delivery.config import DeliveryConfig
+
+    registry = CollectorRegistry()
+    Delivery(DeliveryConfig(spool_dir=tmp_path / "spool"), metrics=Metrics(registry))
+    for reason in DROP_REASONS:
+        assert registry.get_sample_value("edgecatch_dropped_total", {"reason": reason}) == 0, reason
