@@ -19,8 +19,7 @@ Each `fault` applies to `step` ("upload", "annotate" or "any") for `times` reque
 from __future__ import annotations
 
 import argparse
-import email.parser
-import email.policy
+import email.message
 import hashlib
 import json
 import secrets
@@ -194,6 +193,42 @@ def _json(handler: BaseHTTPRequestHandler, status: int, body: object, headers: d
     handler.wfile.write(raw)
 
 
+def _boundary(content_type: str) -> str | None:
+    message = email.message.Message()
+    message["content-type"] = content_type
+    return message.get_param("boundary")
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, tuple[bytes, str]]:
+    """name -> (data, content type) of a multipart/form-data body (RFC 7578), parsed on bytes:
+    the email package's parser is several times slower on 100 KB images."""
+    boundary = _boundary(content_type)
+    if not boundary:
+        raise ValueError("no boundary")
+    delimiter = b"--" + boundary.encode()
+    chunks = body.split(delimiter)
+    if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
+        raise ValueError("no closing delimiter")
+    fields: dict[str, tuple[bytes, str]] = {}
+    for chunk in chunks[1:-1]:
+        if not chunk.startswith(b"\r\n") or not chunk.endswith(b"\r\n"):
+            raise ValueError("malformed part")
+        head, sep, data = chunk[2:-2].partition(b"\r\n\r\n")
+        if not sep:
+            raise ValueError("part without headers")
+        headers = {}
+        for line in head.decode("utf-8").split("\r\n"):
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        disposition = email.message.Message()
+        disposition["content-disposition"] = headers.get("content-disposition", "")
+        name = disposition.get_param("name", header="content-disposition")
+        if name is None:
+            raise ValueError("part without a name")
+        fields[name] = (data, headers.get("content-type", "text/plain").split(";")[0].strip())
+    return fields
+
+
 class _Handler(BaseHTTPRequestHandler):
     api: UploadApiServer
     protocol_version = "HTTP/1.1"
@@ -303,12 +338,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not content_type.startswith("multipart/form-data"):
             self._answer("upload", target, 400, {"error": "expected multipart/form-data"})
             return
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
-        fields: dict[str, tuple[bytes, str]] = {}
-        for part in message.iter_parts():
-            name = part.get_param("name", header="content-disposition")
-            fields[name] = (part.get_payload(decode=True) or b"", part.get_content_type())
+        try:
+            fields = _multipart(content_type, body)
+        except ValueError as exc:
+            self._answer("upload", target, 400, {"error": f"bad multipart body: {exc}"})
+            return
         if "file" not in fields or "name" not in fields:
             self._answer("upload", target, 400, {"error": "fields 'file' and 'name' are required"})
             return
