@@ -107,12 +107,12 @@ class ReadItem:
 
 def _images(tensor: Tensor, spec: ImageInput) -> list[Any]:
     """The images of a request, one per item: encoded bytes, or HWC RGB uint8 arrays."""
-    array = tensor.array
     if spec.format == "encoded":
         if tensor.datatype != "BYTES":
             raise TensorError("image", f"input {spec.input} is {tensor.datatype}, expected BYTES for encoded images")
         # [n] or [batch, 1]: one encoded image per element either way.
-        return [_image_bytes(v) for v in array.reshape(-1)]
+        return [_image_bytes(v) for v in tensor.flat]
+    array = tensor.array
     if array.ndim == 3:
         items = [array]
     elif array.ndim == 4:
@@ -250,43 +250,52 @@ def read_items(
     sizes = [(_encoded_size(i) if isinstance(i, bytes) else (i.shape[1], i.shape[0])) for i in images]
     count = len(images)
 
-    def need(name: str) -> np.ndarray:
+    def need(name: str) -> Tensor:
         tensor = outputs.get(name)
         if tensor is None:
             raise TensorError("output", f"output {name} is not in the response")
-        return tensor.array
+        return tensor
+
+    def per_item(tensor: Tensor, what: str) -> int:
+        """How many values of `tensor` belong to each of the `count` items."""
+        size = len(tensor.flat)
+        if count == 0 or size % count:
+            raise TensorError("output", f"{size} values of {what} for {count} images")
+        return size // count
 
     items: list[ReadItem] = []
     if reading.detections is not None:
         spec = reading.detections
-        boxes, scores = need(spec.boxes), need(spec.scores)
-        classes = need(spec.classes) if spec.classes else None
-        valid = need(spec.count) if spec.count else None
-        batched = reading.batched if reading.batched is not None else boxes.ndim == 3
-        if not batched:
-            boxes, scores = boxes[None], scores[None]
-            classes = classes[None] if classes is not None else None
-            valid = valid.reshape(1) if valid is not None else None
-        if boxes.shape[0] != count:
-            raise TensorError("output", f"{boxes.shape[0]} items of boxes for {count} images")
+        boxes_tensor = need(spec.boxes)
+        batched = reading.batched if reading.batched is not None else len(boxes_tensor.shape) == 3
+        rows = boxes_tensor.shape[0] if batched and boxes_tensor.shape else 1
+        if rows != count:
+            raise TensorError("output", f"{rows} items of boxes for {count} images")
+        # Flat Python lists, not numpy: these tensors are tiny and this runs for every observed call.
+        boxes, scores = boxes_tensor.flat, need(spec.scores).flat
+        box_step, score_step = per_item(boxes_tensor, "boxes"), per_item(need(spec.scores), "scores")
+        classes = need(spec.classes).flat if spec.classes else None
+        class_step = per_item(need(spec.classes), "classes") if spec.classes else 0
+        valid = need(spec.count).flat if spec.count else None
+        if box_step % 4 or (valid is not None and len(valid) != count):
+            raise TensorError("output", "boxes do not come in fours, or the count tensor does not match the items")
         fmt, normalized, min_score = spec.box_format, spec.normalized, spec.min_score
         known = len(names)
         for i in range(count):
             width, height = sizes[i]
-            # Python lists, not numpy scalars: these arrays are tiny and this runs for every item.
-            item_boxes = boxes[i].reshape(-1, 4).tolist()
-            item_scores = scores[i].reshape(-1).tolist()
-            item_classes = classes[i].reshape(-1).tolist() if classes is not None else [0] * len(item_scores)
-            n = int(valid[i]) if valid is not None else len(item_scores)
-            if not (len(item_boxes) >= n and len(item_scores) >= n and len(item_classes) >= n):
+            available = min(box_step // 4, score_step, class_step if classes is not None else score_step)
+            n = int(valid[i]) if valid is not None else score_step
+            if n > available:
                 raise TensorError("output", "boxes, scores and classes differ in length")
+            b0, s0, c0 = i * box_step, i * score_step, i * class_step
             detections = []
             for k in range(n):
-                score = float(item_scores[k])
-                class_id = int(item_classes[k])
+                score = float(scores[s0 + k])
+                class_id = int(classes[c0 + k]) if classes is not None else 0
                 if score < min_score or class_id < 0:  # padding rows of a batched output
                     continue
-                a, b, c, d = (float(v) for v in item_boxes[k])
+                j = b0 + 4 * k
+                a, b, c, d = boxes[j], boxes[j + 1], boxes[j + 2], boxes[j + 3]
                 if fmt == "xywh":
                     c, d = a + c, b + d
                 elif fmt == "cxcywh":
@@ -294,16 +303,16 @@ def read_items(
                 if normalized:
                     a, b, c, d = a * width, b * height, c * width, d * height
                 name = names[class_id] if class_id < known else str(class_id)
-                detections.append(Detection(name, min(max(score, 0.0), 1.0), (a, b, c, d), class_id))
+                detections.append(Detection(name, min(max(score, 0.0), 1.0),
+                                            (float(a), float(b), float(c), float(d)), class_id))
             items.append(ReadItem(tuple(detections), None, images[i], width, height))
     else:
         probabilities = need(reading.classification.probabilities)
-        rows = probabilities.reshape(count, -1) if probabilities.size % max(count, 1) == 0 else None
-        if rows is None or rows.shape[0] != count:
-            raise TensorError("output", f"{rows.shape[0]} rows of probabilities for {count} images")
+        step = per_item(probabilities, "probabilities")
+        values = probabilities.flat
         for i in range(count):
-            row = rows[i]
-            scores = {(names[k] if k < len(names) else str(k)): float(row[k]) for k in range(len(row))}
+            row = values[i * step:(i + 1) * step]
+            scores = {(names[k] if k < len(names) else str(k)): float(row[k]) for k in range(step)}
             width, height = sizes[i]
             items.append(ReadItem((), Classification.from_scores(scores), images[i], width, height))
     return items

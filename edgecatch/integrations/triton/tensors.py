@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from typing import Any
 
 import numpy as np
@@ -48,17 +49,48 @@ class TensorError(ValueError):
         self.reason = reason
 
 
+_CAST = {"BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q", "INT8": "b", "INT16": "h",
+         "INT32": "i", "INT64": "q", "FP16": "e", "FP32": "f", "FP64": "d"}
+_LITTLE_ENDIAN = sys.byteorder == "little"  # KServe's binary tensors are little-endian
+
+
 class Tensor:
-    """One named tensor. A plain slotted class: one is built per tensor of every observed call."""
+    """One named tensor: its values as a flat Python list (`flat`) or a numpy array (`array`), each
+    made on first use. Observation reads small detection outputs for every call, where a list made
+    straight from the bytes costs a fraction of numpy arrays and numpy scalars."""
 
-    __slots__ = ("name", "datatype", "shape", "array")
+    __slots__ = ("name", "datatype", "shape", "_raw", "_flat", "_array")
 
-    def __init__(self, name: str, datatype: str, shape: tuple[int, ...], array: np.ndarray) -> None:
+    def __init__(self, name: str, datatype: str, shape: tuple[int, ...], array: np.ndarray | None = None, *,
+                 raw: bytes | memoryview | None = None, flat: list | None = None) -> None:
         self.name = name
         self.datatype = datatype
         self.shape = shape
-        #: numpy array shaped `shape`; BYTES tensors are object arrays of `bytes`.
-        self.array = array
+        self._raw = raw  # little-endian values of a numeric tensor
+        self._flat = flat  # BYTES elements, or values already listed
+        self._array = array
+
+    @property
+    def array(self) -> np.ndarray:
+        """numpy array shaped `shape`; BYTES tensors are object arrays of `bytes`."""
+        if self._array is None:
+            if self._raw is not None:
+                self._array = np.frombuffer(self._raw, dtype=_NUMPY_DTYPES[self.datatype]).reshape(self.shape)
+            else:
+                array = np.empty(len(self._flat), dtype=object)
+                array[:] = self._flat
+                self._array = array.reshape(self.shape)
+        return self._array
+
+    @property
+    def flat(self) -> list:
+        """Every value in row-major order, as Python objects (float, int, bool, bytes)."""
+        if self._flat is None:
+            if self._raw is not None and _LITTLE_ENDIAN:
+                self._flat = memoryview(self._raw).cast(_CAST[self.datatype]).tolist()
+            else:
+                self._flat = self.array.reshape(-1).tolist()
+        return self._flat
 
     def __repr__(self) -> str:
         return f"Tensor({self.name!r}, {self.datatype}, {list(self.shape)})"
@@ -85,16 +117,14 @@ def _bytes_elements(raw: bytes | memoryview, count: int | None) -> list[bytes]:
 def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview) -> Tensor:
     count = math.prod(shape)
     if datatype == "BYTES":
-        array = np.empty(count, dtype=object)
-        array[:] = _bytes_elements(raw, count)
-        return Tensor(name, datatype, shape, array.reshape(shape))
+        return Tensor(name, datatype, shape, flat=_bytes_elements(raw, count))
     dtype = _NUMPY_DTYPES.get(datatype)
     if dtype is None:
         raise TensorError("datatype", f"datatype {datatype} is not read by edgecatch")
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise TensorError("tensor", f"tensor {name}: {len(raw)} bytes, shape {list(shape)} {datatype} needs {expected}")
-    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape))
+    return Tensor(name, datatype, shape, raw=raw)
 
 
 def _from_list(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> Tensor:
