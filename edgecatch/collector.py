@@ -81,6 +81,11 @@ class Collector:
         for verdict in Verdict:
             metrics.feedback.labels(verdict.value)
         metrics.policy_reload_failing.set(0)
+        for behaviour in ("fail_open", "fail_closed"):
+            metrics.limiter_unavailable.labels(behaviour)
+        if config.limits.resolved_backend() == "memory":
+            # In-process budgets always answer; unset, the gauge would read 0 ("outage").
+            metrics.limiter_available.set(1)
         if delivery is None:
             from edgecatch.delivery import Delivery
 
