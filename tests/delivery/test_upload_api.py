@@ -57,11 +57,11 @@ def test_destination_down_then_back_delivers_thousands_exactly_once(server, robo
     assert_exactly_once(server, ids)
     assert delivered(registry) == 3000
     assert value(registry, "edgecatch_spool_items") == 0
-    # Oldest first: the server stored the samples in (nearly) spool order; with 8 workers, an image
-    # can overtake another by a few places, not by hundreds.
+    # Oldest first: with 8 workers and retries, a sample can be overtaken by some others, but the
+    # first half the server stored is (almost all) the older half of the backlog.
     order = [image.name[:32] for image in server.store.images.values()]
-    positions = {sample_id: i for i, sample_id in enumerate(ids)}
-    assert max(abs(positions[sample_id] - i) for i, sample_id in enumerate(order)) < 50
+    older_half = set(ids[:1500])
+    assert sum(1 for sample_id in order[:1500] if sample_id in older_half) >= 0.95 * 1500
 
 
 def test_annotation_annotated_as_prediction_with_metadata(server, roboflow_config, metrics, registry):
