@@ -1,0 +1,52 @@
+"""The uploader spends the byte budget: every sample's entry size goes through the rate limiter."""
+
+from __future__ import annotations
+
+import asyncio
+
+from edgecatch.delivery.config import DeliveryConfig
+from edgecatch.delivery.schedule import ByteRateLimiter
+from edgecatch.delivery.sinks.directory import DirectorySink
+from edgecatch.delivery.uploader import Uploader
+
+from .conftest import fill_spool, open_spool
+
+
+class RecordingLimiter(ByteRateLimiter):
+    """The real limiter on a fake clock that only moves when a sender waits (no real sleeping)."""
+
+    def __init__(self, rate: int) -> None:
+        self.now = 0.0
+        super().__init__(rate, monotonic=lambda: self.now)
+        self.sizes: list[int] = []
+        self.waits: list[float] = []
+
+    async def acquire(self, size: int) -> None:
+        self.sizes.append(size)
+        delay = self.reserve(size)
+        self.waits.append(delay)
+        self.now += delay
+
+
+def test_uploader_charges_each_sample_to_the_byte_rate(tmp_path, metrics):
+    config = DeliveryConfig.model_validate({
+        "spool_dir": str(tmp_path / "spool"), "concurrency": 1, "max_bytes_per_second": 10_000,
+        "sink": {"type": "directory", "path": str(tmp_path / "ds")}})
+    spool = open_spool(config, metrics)
+    fill_spool(spool, 20)
+    sizes_on_disk = sorted(p.stat().st_size for p in (tmp_path / "spool" / "ready").glob("*.ecs"))
+
+    async def run() -> RecordingLimiter:
+        uploader = Uploader(spool, DirectorySink(config.sink), config, metrics)
+        limiter = uploader.rate = RecordingLimiter(10_000)
+        uploader.start()
+        while len(spool):
+            await asyncio.sleep(0.01)
+        await uploader.drain(5)
+        return limiter
+
+    limiter = asyncio.run(run())
+    assert sorted(limiter.sizes) == sizes_on_disk
+    # One second of burst, then the rest at 10,000 bytes/s: the waits add up to exactly that.
+    expected = (sum(sizes_on_disk) - 10_000) / 10_000
+    assert abs(sum(limiter.waits) - expected) < 1e-6
