@@ -20,8 +20,8 @@ Observation reads along:
   goes into the trailers (trailing metadata) of a call that returned a message; for
   `ModelStreamInfer` into the response headers (initial metadata), and the n-th response of the
   stream is observed as `<id>.<n>`.
-Parsing happens as bytes pass; turning messages into tensors happens after the answer has been
-forwarded (`on_exchange`, scheduled with `call_soon`). A connection whose header blocks cannot be
+Parsing happens as bytes pass; `on_exchange` gets each observed pair once its answer has been
+written to the client, and only queues it for observation. A connection whose header blocks cannot be
 decoded is relayed blind (counted in `edgecatch_unparsed_total{reason="grpc_headers"}`).
 
 Triton unreachable: the client connection is closed before any HTTP/2 byte, which gRPC clients
@@ -520,12 +520,11 @@ class _Upstream(asyncio.Protocol):
         if stream.kind == _UNARY and stream.inference_id is not None and stream.requests.done \
                 and stream.responses.done:
             exchange = GrpcExchange(stream.inference_id, stream.requests.done[0], stream.responses.done[0])
-            asyncio.get_running_loop().call_soon(self.downstream.proxy.on_exchange, exchange)
+            self.downstream.proxy.on_exchange(exchange)  # written already; on_exchange only queues it
 
     def _stream_responses(self, stream: _Stream) -> None:
         responses, requests = stream.responses.done, stream.requests.done
         proxy = self.downstream.proxy
-        loop = asyncio.get_running_loop()
         while responses and requests:  # the n-th response answers the n-th request
             response, request = responses.pop(0), requests.pop(0)
             model = _model_name(request)
@@ -533,7 +532,7 @@ class _Upstream(asyncio.Protocol):
                 proxy.on_unparsed("grpc_request")
             elif proxy.observed_models(model):
                 exchange = GrpcExchange(f"{stream.inference_id}.{stream.count}", request, response, streamed=True)
-                loop.call_soon(proxy.on_exchange, exchange)
+                proxy.on_exchange(exchange)
             stream.count += 1
 
 

@@ -5,8 +5,8 @@ costs time on every request and risks changing what Triton receives or the clien
 proxy parses only to find message boundaries (httptools, the C parser uvicorn uses), forwards the
 request line and headers as received, relays Triton's response bytes as they arrive on a pool of
 persistent upstream connections, and splices exactly one header, `X-Edgecatch-Inference-Id`, into
-the responses of observed inference calls. Observation work runs after the response has been
-written (`on_exchange`), never before.
+the responses of observed inference calls. `on_exchange` receives each observed pair once the
+response has been written, and must only queue it: observation never delays an answer.
 
 Differences from a raw TCP relay, all hop-by-hop: `Expect: 100-continue` is answered here (and not
 forwarded), a chunked request body is forwarded with a Content-Length, and requests under
@@ -305,8 +305,8 @@ class _Upstream(asyncio.Protocol):
             exchange = Exchange(pending.observe_as[0], pending.observe_as[1], pending.inference_id,
                                 pending.request.headers, pending.body, self.status, self._headers, body)
             self._body, self._headers = [], []
-            # After the response is on its way: observation never delays it.
-            asyncio.get_running_loop().call_soon(self.proxy.on_exchange, exchange)
+            # The response is written already; on_exchange only queues the pair for observation.
+            self.proxy.on_exchange(exchange)
         self.proxy._release(self)
         client.answered(pending)
 
