@@ -245,6 +245,9 @@ class Delivery:
                 continue
             try:
                 self._spool_batch(batch)
+            except Exception:  # a bug must not stop preparation for good: count, say, go on
+                self.metrics.dropped.labels("prepare_error").inc(len(batch))
+                log.exception("spooling %d prepared samples failed: dropped", len(batch))
             finally:
                 self._preparing = 0
             if self._prep_stop.is_set() and time.monotonic() >= self._prep_deadline:

@@ -98,24 +98,36 @@ class Uploader:
 
     async def _worker(self, index: int) -> None:
         while not self._stopping:
-            wait = self._gate_delay()
-            if wait > 0:
-                if self._draining:
-                    return  # nothing more can go out before the deadline in this state: leave it spooled
-                await self._sleep(wait)
-                continue
-            claim = await asyncio.to_thread(self.spool.claim)
-            if claim is None:
-                self._probing = False  # nothing to probe with: the next sample will be the probe
-                if self._draining:
-                    return
-                await self._idle()
-                continue
             try:
-                await self._deliver(claim)
+                if not await self._step():
+                    return
             except asyncio.CancelledError:
-                claim.release()  # cut short (drain deadline): stays spooled, with its image id if any
                 raise
+            except Exception:  # the disk (EMFILE, EACCES, ...) or a bug: keep the worker alive, say so
+                log.exception("delivery worker %d failed; retrying in %.1f s", index, self.config.poll_seconds)
+                await asyncio.sleep(self.config.poll_seconds)
+
+    async def _step(self) -> bool:
+        """One turn of a worker: wait if it must, else deliver one sample. False: a drain is over."""
+        wait = self._gate_delay()
+        if wait > 0:
+            if self._draining:
+                return False  # nothing more can go out before the deadline: leave it spooled
+            await self._sleep(wait)
+            return True
+        claim = await asyncio.to_thread(self.spool.claim)
+        if claim is None:
+            self._probing = False  # nothing to probe with: the next sample will be the probe
+            if self._draining:
+                return False
+            await self._idle()
+            return True
+        try:
+            await self._deliver(claim)
+        except BaseException:
+            claim.release()  # cut short (drain deadline) or failed: stays spooled, image id kept
+            raise
+        return True
 
     def _gate_delay(self) -> float:
         """How long this worker must wait before taking a sample (0: go)."""

@@ -1,4 +1,4 @@
-"""The uploader spends the byte budget: every sample's entry size goes through the rate limiter."""
+"""The uploader on its own: it spends the byte budget, and it survives failing disk calls."""
 
 from __future__ import annotations
 
@@ -50,3 +50,36 @@ def test_uploader_charges_each_sample_to_the_byte_rate(tmp_path, metrics):
     # One second of burst, then the rest at 10,000 bytes/s: the waits add up to exactly that.
     expected = (sum(sizes_on_disk) - 10_000) / 10_000
     assert abs(sum(limiter.waits) - expected) < 1e-6
+
+
+def test_a_failing_disk_call_does_not_kill_the_workers(tmp_path, metrics, caplog):
+    from edgecatch.delivery.spool import Spool
+
+    class FlakySpool(Spool):
+        """The real spool, whose first two claims fail like a process out of file descriptors."""
+
+        failures = 2
+
+        def claim(self):
+            if self.failures:
+                self.failures -= 1
+                raise OSError(24, "Too many open files")
+            return super().claim()
+
+    config = DeliveryConfig.model_validate({
+        "spool_dir": str(tmp_path / "spool"), "concurrency": 2, "poll_seconds": 0.01,
+        "sink": {"type": "directory", "path": str(tmp_path / "ds")}})
+    spool = FlakySpool(config.spool_dir, max_bytes=10**9, max_items=10**6, metrics=metrics).open()
+    ids = fill_spool(spool, 5)
+
+    async def run() -> None:
+        uploader = Uploader(spool, DirectorySink(config.sink), config, metrics)
+        uploader.start()
+        while len(spool):
+            await asyncio.sleep(0.01)
+        assert await uploader.drain(5)
+
+    asyncio.run(run())
+    manifest = (tmp_path / "ds" / "manifest.jsonl").read_text()
+    assert all(sample_id in manifest for sample_id in ids)
+    assert len([r for r in caplog.records if "Too many open files" in (r.exc_text or "")]) == 2
