@@ -32,6 +32,7 @@ from edgecatch.delivery.sample import SampleDetection, SampleRecord
 from edgecatch.delivery.spool import Spool
 from edgecatch.metrics import Metrics
 from tests.bento_plugin.harness import free_port, start_bento, stop_bento, wait_for, write_config
+from tests.sidecar.processes import SidecarProcess
 from tests.upload_api_server import UploadApiServer
 
 from .promql import RULES, dashboard_queries, for_api, label_values_label, rules
@@ -64,6 +65,14 @@ STUCK_AGE_SECONDS = 7200.0
 # -- Prometheus ---------------------------------------------------------------------------------
 
 
+class _NoTriton:
+    """Addresses where no Triton listens: the sidecar serves its admin port (metrics) without one."""
+
+    def __init__(self) -> None:
+        self.http = f"127.0.0.1:{free_port()}"
+        self.grpc = f"127.0.0.1:{free_port()}"
+
+
 class Prometheus:
     def __init__(self, url: str, process: subprocess.Popen, log_path: Path) -> None:
         self.url = url
@@ -87,7 +96,7 @@ class Prometheus:
                 self.process.wait(10)
 
 
-def start_prometheus(workdir: Path, target: str) -> Prometheus:
+def start_prometheus(workdir: Path, targets: dict[str, str]) -> Prometheus:
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("prometheus not found: install Debian's prometheus package (.ci/run does)")
@@ -95,7 +104,8 @@ def start_prometheus(workdir: Path, target: str) -> Prometheus:
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "edgecatch-bento", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [target]}]}
+                           for job, target in targets.items()],
     }
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
@@ -174,13 +184,20 @@ def live(tmp_path_factory):
                   "sink": {"type": "roboflow", "base_url": upload_api.url, "dataset": upload_api.dataset,
                            "api_key_env": "TEST_ROBOFLOW_KEY"}})
     held = stuck_entry(workdir / "spool")
+    sidecar_dir = workdir / "sidecar"
+    sidecar_dir.mkdir()
+    (sidecar_dir / "policy.yaml").write_text(POLICY)
+    sidecar = SidecarProcess(sidecar_dir, _NoTriton(), policies=sidecar_dir / "policy.yaml",
+                             sink={"type": "directory", "path": str(sidecar_dir / "dataset")})
     server = prometheus = None
     try:
         server = start_bento("bento_service.service:DetectionService", workdir, config_path, policy_path,
                              env={"TEST_ROBOFLOW_KEY": upload_api.api_key}, workers=1)
-        prometheus = start_prometheus(workdir, server.url.removeprefix("http://"))
-        # Traffic only once Prometheus has scraped the service: rates need a sample from before.
-        assert wait_for(lambda: has_data(prometheus.query('up{job="edgecatch-bento"} == 1')), timeout=60)
+        sidecar.start()
+        prometheus = start_prometheus(workdir, {"edgecatch-bento": server.url.removeprefix("http://"),
+                                                "edgecatch-sidecar": f"127.0.0.1:{sidecar.admin_port}"})
+        # Traffic only once Prometheus has scraped both: rates need a sample from before.
+        assert wait_for(lambda: len(prometheus.query("up == 1")) == 2, timeout=60)
         images = unique_jpegs()
 
         def detect(client: httpx.Client) -> httpx.Response:
@@ -239,6 +256,7 @@ def live(tmp_path_factory):
             prometheus.stop()
         if server is not None:
             stop_bento(server)
+        sidecar.stop()
         held.release()
         upload_api.down()
 
@@ -290,3 +308,14 @@ def test_alerts_are_active_in_the_live_prometheus(live):
 def test_an_expression_without_data_is_caught(live):
     """The checks can fail: a well-formed query on a label value nobody exports returns nothing."""
     assert not has_data(live.query('edgecatch_dropped_total{reason="no_such_reason"}'))
+
+
+def test_the_sidecars_admin_port_is_scraped_too(live):
+    """The sidecar's admin port is a scrape target like the BentoML service (no Triton behind it
+    here: its traffic is the sidecar tests' business), exporting edgecatch's metrics from the start."""
+    assert has_data(live.query('up{job="edgecatch-sidecar"} == 1'))
+    for expr in ('edgecatch_spool_items{job="edgecatch-sidecar"}',
+                 'edgecatch_limiter_available{job="edgecatch-sidecar"} == 1',
+                 'edgecatch_dropped_total{job="edgecatch-sidecar", reason="spool_full"}',
+                 'edgecatch_policy_reload_failing{job="edgecatch-sidecar"} == 0'):
+        assert has_data(live.query(expr)), expr
