@@ -4,12 +4,14 @@ label values exported at 0 before anything happens (so `increase()` sees the fir
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from edgecatch.delivery.spool import Spool
 from edgecatch.metrics import DROP_REASONS, Metrics, upload_failure_reason
+from edgecatch.observation import Detection, Observation
 from tests.delivery.conftest import jpeg, make_record
 
 
@@ -59,3 +61,67 @@ def test_known_label_values_exist_at_zero_before_any_event(tmp_path):
     Delivery(DeliveryConfig(spool_dir=tmp_path / "spool"), metrics=Metrics(registry))
     for reason in DROP_REASONS:
         assert registry.get_sample_value("edgecatch_dropped_total", {"reason": reason}) == 0, reason
+
+
+class _NoDelivery:
+    def submit(self, observation, image, decision, image_settings) -> bool:
+        return True
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, timeout=None) -> None:
+        pass
+
+    def health(self) -> dict:
+        return {}
+
+
+TWO_POLICIES = """
+version: 1
+policies:
+  - name: first
+    confidence_below: 0.5
+    limits: {per_hour: 1}
+  - name: second
+    confidence_below: 0.8
+"""
+
+
+def collector_with(tmp_path, policy: str):
+    from edgecatch.collector import Collector
+    from edgecatch.config import EdgecatchConfig
+
+    path = tmp_path / "policies.yaml"
+    path.write_text(policy)
+    config = EdgecatchConfig.model_validate({"policies": str(path), "delivery": {"spool_dir": str(tmp_path / "spool")}})
+    registry = CollectorRegistry()
+    return Collector(config, metrics=Metrics(registry), delivery=_NoDelivery()), registry, path
+
+
+def test_policy_matches_count_every_policy_that_held_selected_or_not(tmp_path):
+    collector, registry, _ = collector_with(tmp_path, TWO_POLICIES)
+    for _ in range(2):
+        collector.observe(Observation(model="m", timestamp=time.time(),
+                                      detections=(Detection("person", 0.3, (0, 0, 9, 9), 0),)), None)
+    value = registry.get_sample_value
+    for policy in ("first", "second"):
+        assert value("edgecatch_policy_matches_total", {"model": "m", "policy": policy}) == 2
+        assert value("edgecatch_samples_total", {"model": "m", "policy": policy}) == 1
+    assert value("edgecatch_limited_total", {"policy": "first"}) == 1
+
+
+def test_policy_reload_failing_holds_until_a_good_file_is_loaded(tmp_path):
+    collector, registry, path = collector_with(tmp_path, TWO_POLICIES)
+    value = registry.get_sample_value
+    assert value("edgecatch_policy_reload_failing") == 0
+    assert value("edgecatch_policy_reloads_total", {"outcome": "failure"}) == 0  # exported before any
+    path.write_text(TWO_POLICIES + "  - name: broken\n    confidence_below: high\n")
+    assert collector.policies.check() is False
+    assert value("edgecatch_policy_reload_failing") == 1
+    assert value("edgecatch_policy_reloads_total", {"outcome": "failure"}) == 1
+    path.write_text(TWO_POLICIES.replace("0.8", "0.7"))
+    assert collector.policies.check() is True
+    assert value("edgecatch_policy_reload_failing") == 0
+    assert value("edgecatch_policy_reloads_total", {"outcome": "success"}) == 1
+    assert value("edgecatch_limiter_available") == 1  # in-process budgets always answer
