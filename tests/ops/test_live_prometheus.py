@@ -319,3 +319,21 @@ def test_the_sidecars_admin_port_is_scraped_too(live):
                  'edgecatch_dropped_total{job="edgecatch-sidecar", reason="spool_full"}',
                  'edgecatch_policy_reload_failing{job="edgecatch-sidecar"} == 0'):
         assert has_data(live.query(expr)), expr
+
+
+@pytest.mark.parametrize("expr, label, values", [
+    ("edgecatch_upload_failures_total > 0", "reason", {"http_5xx", "http_401"}),
+    ("edgecatch_uploads_total > 0", "outcome", {"delivered", "transient_error", "auth_error"}),
+    ("edgecatch_dead_letters_total > 0", "reason", {"too_many_attempts"}),
+    ("edgecatch_dropped_total > 0", "reason", {"spool_full"}),
+    ("edgecatch_feedback_total > 0", "verdict", {"incorrect", "correct"}),
+    ("edgecatch_samples_total > 0", "policy", {"user-says-wrong", "user-says-right", "capped", "everything"}),
+    ("edgecatch_limited_total > 0", "policy", {"capped"}),
+    ("edgecatch_unparsed_total > 0", "reason", {"api_error"}),
+    ("edgecatch_policy_reloads_total > 0", "outcome", {"failure"}),
+    ('edgecatch_upload_seconds_count{job="edgecatch-bento"} > 0', "sink", {"roboflow"}),
+])
+def test_what_happened_reached_prometheus_with_its_labels(live, expr, label, values):
+    """Not only data: the scenario's events, counted under the label values they belong to."""
+    seen = {sample["metric"].get(label) for sample in live.query(expr)}
+    assert values <= seen, f"{expr}: {values - seen} missing from {seen}"
