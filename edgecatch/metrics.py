@@ -4,6 +4,13 @@ Metrics are created lazily (`get_metrics()` on first use, never at import): Bent
 `PROMETHEUS_MULTIPROC_DIR` only after it has imported the service module, and a metric created
 before that would live in a private registry nobody scrapes. Tests build `Metrics(CollectorRegistry())`
 and read values with `registry.get_sample_value(...)`.
+
+Conventions (Prometheus's): counters are declared without `_total` (the client appends it); units
+are base units and in the name (`_seconds`, `_bytes`, `_timestamp_seconds`); a state is a 0/1 gauge;
+every label takes a bounded set of values (class names beyond `metrics.max_class_labels` per model
+fold into `other`, reasons and outcomes are fixed lists, models and policies come from config).
+`edgecatch_prediction_confidence` is a probability in [0, 1], unitless like a `_ratio`, and keeps
+the design note's name. Ops use them through ops/grafana and ops/prometheus (see README, Operations).
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ import threading
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics", "get_metrics", "CONFIDENCE_BUCKETS", "DROP_REASONS", "upload_failure_reason"]
+__all__ = ["Metrics", "get_metrics", "CONFIDENCE_BUCKETS", "DROP_REASONS", "UPLOAD_FAILURE_REASONS",
+           "upload_failure_reason"]
 
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 DETECTION_COUNT_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
