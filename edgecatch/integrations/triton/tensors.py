@@ -97,6 +97,8 @@ class Tensor:
 
 
 def _bytes_elements(raw: bytes | memoryview, count: int | None) -> list[bytes]:
+    if count == 1 and len(raw) >= 4 and int.from_bytes(raw[:4], "little") == len(raw) - 4:
+        return [bytes(raw[4:])]  # one element (one image per request): the common case
     out = []
     view = memoryview(raw)
     offset, end = 0, len(view)
