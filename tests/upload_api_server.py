@@ -13,7 +13,8 @@ every sample arrived exactly once. Switches make it misbehave the ways real dest
     server.fault("duplicate")          answer `{"duplicate": true, "id": ...}` for new images too
     server.fault("hang")               hold the request until `clear()`/`down()`, then 503, storing nothing
 Each `fault` applies to `step` ("upload", "annotate" or "any") for `times` requests (None: until
-`clear()`). Run it alone: `python tests/upload_api_server.py --port 9100 --api-key KEY`.
+`clear()`). Run it alone: `python tests/upload_api_server.py --port 9100 --api-key KEY`; then
+`GET /_test/stats` tells what it stored (images, annotations, requests).
 """
 
 from __future__ import annotations
@@ -262,6 +263,24 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_GET(self) -> None:  # noqa: N802
+        """`GET /_test/stats`: what was stored, for checks from another process (not part of the API)."""
+        if self.path != "/_test/stats":
+            _json(self, 404, {"error": "no such route"})
+            return
+        store = self.api.store
+        with self.api.lock:
+            stats = {
+                "images": len(store.images),
+                "annotated": sum(1 for image in store.images.values() if image.annotation is not None),
+                "max_stored_per_name": max(store.stored_names.values(), default=0),
+                "upload_requests": sum(store.upload_requests.values()),
+                "annotate_requests": sum(store.annotate_requests.values()),
+                "models": sorted({str(image.metadata.get("model")) for image in store.images.values()}),
+                "batches": sorted({p for image in store.images.values() for p in image.params.get("batch", [])}),
+            }
+        _json(self, 200, stats)
 
     def do_POST(self) -> None:  # noqa: N802
         api = self.api

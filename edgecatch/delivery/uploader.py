@@ -49,6 +49,9 @@ class Uploader:
         self._tasks: list[asyncio.Task] = []
         # Sink health, shared by the workers.
         self._failures = 0
+        #: Bumped whenever a backoff starts: a failure of an attempt that began before the current
+        #: backoff is the same outage seen by another worker, and must not escalate the delay again.
+        self._backoff_epoch = 0
         self._not_before = 0.0
         self._paused = False
         self._probing = False
@@ -168,6 +171,7 @@ class Uploader:
     async def _deliver(self, claim: Claim) -> None:
         await self.rate.acquire(claim.size)
         started = self._monotonic()
+        epoch = self._backoff_epoch
 
         async def on_image_stored(image_id: str) -> None:
             await asyncio.to_thread(claim.record_image_id, image_id)
@@ -175,7 +179,7 @@ class Uploader:
         try:
             outcome = await self.sink.deliver(claim.record, claim.image, claim.image_id, on_image_stored)
         except TransientError as exc:
-            self._transient(claim, exc)
+            self._transient(claim, exc, epoch)
         except AuthError as exc:
             self._outcomes["auth_error"].inc()
             self._count_failure(exc)
@@ -187,12 +191,13 @@ class Uploader:
             self._healthy()
             await self._dead_letter(claim, "rejected", exc)
         except DeliveryError as exc:  # a new kind nobody mapped: treat as transient, loudly
-            self._transient(claim, TransientError(str(exc), status=exc.status, step=exc.step, answer=exc.answer))
+            self._transient(claim, TransientError(str(exc), status=exc.status, step=exc.step, answer=exc.answer),
+                            epoch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug in a sink must not kill the worker or lose the sample
             log.exception("sink %s failed unexpectedly on sample %s", self.sink.name, claim.sample_id)
-            self._transient(claim, TransientError(f"unexpected {type(exc).__name__}"))
+            self._transient(claim, TransientError(f"unexpected {type(exc).__name__}"), epoch)
         else:
             await asyncio.to_thread(claim.done)
             self._outcomes[outcome].inc()
@@ -219,7 +224,7 @@ class Uploader:
     def _count_failure(self, exc: DeliveryError) -> None:
         self._failures_by_reason[upload_failure_reason(exc.status, str(exc))].inc()
 
-    def _transient(self, claim: Claim, exc: TransientError) -> None:
+    def _transient(self, claim: Claim, exc: TransientError, epoch: int) -> None:
         retry = self.config.retry
         rate_limited = exc.status == 429
         self._outcomes["rate_limited" if rate_limited else "transient_error"].inc()
@@ -231,11 +236,13 @@ class Uploader:
             return
         attempts = self._attempts.get(claim.name, 0) + 1
         self._attempts[claim.name] = attempts
-        self._failures += 1
+        if epoch == self._backoff_epoch:  # a new failure, not one more worker hitting the same one
+            self._failures += 1
+            self._backoff_epoch += 1
         if rate_limited and exc.retry_after is not None:
             delay = min(exc.retry_after, retry.max_retry_after_seconds)
         else:
-            delay = self.backoff_delay(self._failures)
+            delay = self.backoff_delay(max(1, self._failures))
         self._not_before = max(self._not_before, self._monotonic() + delay)
         log.warning("sink %s: %s; retrying in %.1f s (sample %s, attempt %d)",
                     self.sink.name, exc, delay, claim.sample_id, attempts)

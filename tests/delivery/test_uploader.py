@@ -83,3 +83,27 @@ def test_a_failing_disk_call_does_not_kill_the_workers(tmp_path, metrics, caplog
     manifest = (tmp_path / "ds" / "manifest.jsonl").read_text()
     assert all(sample_id in manifest for sample_id in ids)
     assert len([r for r in caplog.records if "Too many open files" in (r.exc_text or "")]) == 2
+
+
+def test_one_outage_seen_by_every_worker_escalates_the_backoff_once(tmp_path, metrics):
+    from edgecatch.delivery.errors import TransientError
+
+    config = DeliveryConfig.model_validate({
+        "spool_dir": str(tmp_path / "spool"), "concurrency": 4,
+        "retry": {"initial_seconds": 1, "max_seconds": 300, "jitter": 0},
+        "sink": {"type": "directory", "path": str(tmp_path / "ds")}})
+    spool = open_spool(config, metrics)
+    fill_spool(spool, 8)
+    now = [1000.0]
+    uploader = Uploader(spool, DirectorySink(config.sink), config, metrics, monotonic=lambda: now[0])
+    refused = TransientError("upload: ClientConnectorError")
+    # Four workers started their attempts before anything failed: one failure, a 1 s backoff.
+    for claim in [spool.claim() for _ in range(4)]:
+        uploader._transient(claim, refused, epoch=0)
+    assert uploader._failures == 1 and uploader._not_before == 1001.0
+    # After the backoff, the next round fails again: now it escalates (2 s), once.
+    now[0] = 1001.0
+    epoch = uploader._backoff_epoch
+    for claim in [spool.claim() for _ in range(4)]:
+        uploader._transient(claim, refused, epoch=epoch)
+    assert uploader._failures == 2 and uploader._not_before == 1003.0
