@@ -236,16 +236,22 @@ class Uploader:
             return
         attempts = self._attempts.get(claim.name, 0) + 1
         self._attempts[claim.name] = attempts
-        if epoch == self._backoff_epoch:  # a new failure, not one more worker hitting the same one
+        now = self._monotonic()
+        new_round = epoch == self._backoff_epoch  # not one more worker hitting the same failure
+        if new_round:
             self._failures += 1
             self._backoff_epoch += 1
         if rate_limited and exc.retry_after is not None:
             delay = min(exc.retry_after, retry.max_retry_after_seconds)
+        elif new_round:
+            delay = self.backoff_delay(self._failures)
         else:
-            delay = self.backoff_delay(max(1, self._failures))
-        self._not_before = max(self._not_before, self._monotonic() + delay)
-        log.warning("sink %s: %s; retrying in %.1f s (sample %s, attempt %d)",
-                    self.sink.name, exc, delay, claim.sample_id, attempts)
+            delay = max(0.0, self._not_before - now)  # already backing off from this failure
+        self._not_before = max(self._not_before, now + delay)
+        # One warning per round of failure; the other workers' view of it only at debug level.
+        (log.warning if new_round else log.debug)(
+            "sink %s: %s; retrying in %.1f s (sample %s, attempt %d)",
+            self.sink.name, exc, delay, claim.sample_id, attempts)
         if retry.max_attempts is not None and attempts >= retry.max_attempts:
             self._attempts.pop(claim.name, None)
             # Cannot await here (sync); the dead-letter move is quick and rare.
