@@ -10,7 +10,7 @@ delivery:
   concurrency: 4                         # uploads in flight per process
   retry: {initial_seconds: 1, max_seconds: 300, multiplier: 2, jitter: 0.5, max_attempts: 50}
   windows: ["01:00-05:00"]               # local time; empty = always
-  max_bytes_per_second: 500000           # unset = unlimited
+  max_bytes_per_second: 500000           # per process; unset = unlimited
   drain_seconds: 10                      # graceful stop: deliver what can be delivered, keep the rest
   sink:
     type: roboflow
@@ -143,10 +143,12 @@ class DeliveryConfig(_Strict):
     overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     queue_size: Annotated[int, Field(ge=1)] = Field(
         1000, description="In-memory hand-off queue; when full, samples are dropped and counted.")
-    concurrency: Annotated[int, Field(ge=1, le=256)] = 4
+    concurrency: Annotated[int, Field(ge=1, le=256)] = Field(
+        4, description="Uploads in flight per process (each BentoML worker is a process).")
     retry: RetryConfig = Field(default_factory=RetryConfig)
     windows: tuple[str, ...] = Field((), description='Daily local-time windows like "01:00-05:00"; empty = always.')
-    max_bytes_per_second: Annotated[int, Field(ge=1)] | None = None
+    max_bytes_per_second: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Upload budget per process (with N workers sharing a spool, N times this).")
     drain_seconds: Annotated[float, Field(ge=0)] = 10.0
     poll_seconds: Annotated[float, Field(gt=0)] = Field(
         1.0, description="How often an idle uploader looks for samples spooled by other processes.")
