@@ -129,7 +129,23 @@ def load_config(path: str | os.PathLike[str] | None = None) -> EdgecatchConfig:
     if path is None:
         return EdgecatchConfig().resolve_paths(Path.cwd())
     path = Path(path)
-    return load_model(EdgecatchConfig, path).resolve_paths(path.resolve().parent)
+    return load_model(_model_for(path), path).resolve_paths(path.resolve().parent)
+
+
+def _model_for(path: Path) -> type[EdgecatchConfig]:
+    """The sidecar's file is this file plus a `sidecar:` section: read it with the sidecar's model,
+    so that commands such as `edgecatch spool status --config sidecar/edgecatch.yaml` accept it."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return EdgecatchConfig  # load_model reports the problem with its line
+    if isinstance(data, dict) and "sidecar" in data:
+        from edgecatch.integrations.triton.sidecar import SidecarConfig
+
+        return SidecarConfig
+    return EdgecatchConfig
 
 
 __all__ += ["ConfigError", "LimitsConfig", "MetricsConfig"]
