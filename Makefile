@@ -24,8 +24,12 @@ replay: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
+# The quick benchmarks (seconds each); the others (BentoML with wrk, the sidecar with Triton, the
+# Redis limiter, delivery's memory run) have their commands in benchmarks/README.md.
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_policy.py
+	$(BIN)/python benchmarks/bench_delivery.py handoff --n 200000
+	$(BIN)/python benchmarks/bench_delivery.py spool --n 2000
 
 schema: $(VENV)/.installed
 	$(BIN)/edgecatch schema > policies/schema.json
