@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis  # noqa: F401  (the test extra installs it; a missing client is a failure, not a skip)
 
 from edgecatch.config import EdgecatchConfig, LimitsConfig
 from edgecatch.policies import MemoryLimiter
@@ -26,7 +27,6 @@ from edgecatch.policies.load import ConfigError, load_model_text
 from edgecatch.policies.redis_limiter import RedisLimiter, build_limiter, redact_url, scale_windows
 from tests.redis_server import RedisServer
 
-pytest.importorskip("redis")
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = 1_795_132_800.0  # 2026-11-20T00:00:00Z
