@@ -442,7 +442,7 @@ def _corrected_from_json(data: Any) -> Any:
 
 # -- the process-wide collector of the serving integrations ------------------------------------
 
-_collector_lock = threading.Lock()
+_collector_lock = threading.RLock()
 _collector: Collector | None = None
 _configured = False
 
@@ -462,6 +462,9 @@ def configure(config: EdgecatchConfig | str | os.PathLike[str] | None = None) ->
 
 def get_collector() -> Collector | None:
     """The process's collector, configured from $EDGECATCH_CONFIG on first use; None when disabled."""
-    if _configured:
+    if _configured:  # the hot path: one global read
         return _collector
-    return configure()
+    with _collector_lock:  # two first requests at once must not build two collectors
+        if _configured:
+            return _collector
+        return configure()
