@@ -753,6 +753,52 @@ def test_metrics_and_health(triton, sidecar):
     assert request(sidecar.http, "GET", "/edgecatch/nothing").status == 404
 
 
+# -- the Upload API sink (Roboflow's contract), with its own sidecar -------------------------------------
+
+def test_selected_predictions_reach_the_upload_api_with_their_prelabels(triton, tmp_path, images):
+    from tests.upload_api_server import UploadApiServer
+
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(POLICY)
+    with UploadApiServer() as upload_api:
+        sink = {"type": "roboflow", "base_url": upload_api.url, "dataset": upload_api.dataset,
+                "api_key_env": "TEST_UPLOAD_KEY"}
+        process = SidecarProcess(tmp_path, triton, policies=policies, sink=sink)
+        process.start(env={"TEST_UPLOAD_KEY": upload_api.api_key})
+        try:
+            sent = {}  # inference id -> Triton's outputs for that item
+            body, headers = binary_infer_body(images[:2])
+            answer = request(process.http, "POST", f"/v2/models/{PEOPLE}/infer", body, headers)
+            outputs = http_outputs(answer)
+            sent.update({f"{answer.inference_id}.{i}": (outputs, i) for i in range(2)})
+            grpc_answer = grpc_call(process.grpc, "ModelInfer", infer_request(TRIVIAL, images[2:3]).SerializeToString())
+            result = tritonclient_grpc.InferResult(service_pb2.ModelInferResponse.FromString(grpc_answer.response))
+            sent[grpc_answer.inference_id] = ({n: result.as_numpy(n) for n in ("BOXES", "SCORES", "CLASSES")}, 0)
+
+            deadline = time.monotonic() + 30
+            while True:
+                stored = {image.metadata.get("inference_id"): image for image in upload_api.annotated().values()}
+                if set(sent) <= set(stored):
+                    break
+                assert time.monotonic() < deadline, f"uploaded: {sorted(stored)}, expected {sorted(sent)}"
+                time.sleep(0.1)
+        finally:
+            process.stop()
+    assert upload_api.api_key not in process.log_tail(1_000_000)
+    for inference_id, (outputs, item) in sent.items():
+        image = stored[inference_id]
+        assert image.data[:3] == b"\xff\xd8\xff" and image.metadata["policy"] == "everything"
+        annotation = json.loads(image.annotation["text"])
+        assert annotation["image"] == {"width": 640, "height": 480}
+        expected = [(NAMES[c], float(s), [float(v) for v in b]) for b, s, c in
+                    zip(outputs["BOXES"][item], outputs["SCORES"][item], outputs["CLASSES"][item]) if c >= 0]
+        assert len(annotation["predictions"]) == len(expected)
+        for got, (name, score, (x1, y1, x2, y2)) in zip(annotation["predictions"], expected):
+            assert got["class"] == name and got["confidence"] == pytest.approx(score, abs=1e-4)
+            assert (got["x"], got["y"], got["width"], got["height"]) == pytest.approx(
+                ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), abs=0.01)
+
+
 # -- Triton goes away and comes back (keep last: it restarts the session's Triton) --------------------
 
 def test_triton_stopped_and_restarted_is_survived(triton, sidecar, images):
