@@ -4,8 +4,8 @@ Starts `tritonserver` (sidecar/start_triton.sh) and the sidecar (`python -m edge
 default policy, a directory sink in a temporary folder) on free ports, then for each model
 (`trivial_detector`: fixed detections, the worst case for a proxy; `people_detector`: the real
 OpenCV detector), protocol (HTTP with binary tensors, gRPC with raw contents) and concurrency (1, 16)
-measures direct and sidecar runs back to back (ABAB when --repeat 2): requests/s, p50/p99 latency,
-and the sidecar's CPU time per request (utime+stime from /proc/<pid>/stat over the run).
+measures direct and sidecar in alternating slices (ABAB..., --repeat of each, pooled): requests/s,
+p50/p99 latency, and the sidecar's CPU time per request (utime+stime from /proc/<pid>/stat).
 
 Before measuring, trivial_detector traffic goes through the sidecar until the default policy's
 hourly budget (300 samples) is spent, and delivery has stored those samples (--no-spend-budget
@@ -20,7 +20,7 @@ read the answer by Content-Length), a grpc channel with identity serialisers for
 includes how much CPU the load generator, Triton and the sidecar used, and what everything else on
 the machine used during the run (the cores are shared).
 
-    .venv/bin/python benchmarks/bench_sidecar.py [--seconds 5] [--workers 2] [--repeat 1]
+    .venv/bin/python benchmarks/bench_sidecar.py [--seconds 2] [--people-seconds 8] [--repeat 3] [--workers 2]
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import io
 import multiprocessing as mp
 import os
 import socket
-import statistics
 import struct
 import sys
 import tempfile
@@ -282,11 +281,12 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (trivial model)")
-    parser.add_argument("--people-seconds", type=float, default=8.0, help="measured seconds per run (people model)")
-    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per slice (trivial model)")
+    parser.add_argument("--people-seconds", type=float, default=8.0, help="measured seconds per slice (people model)")
+    parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each slice")
     parser.add_argument("--workers", type=int, default=2, help="load generator processes")
-    parser.add_argument("--repeat", type=int, default=1, help="direct/sidecar pairs per cell (ABAB...)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="direct/sidecar slices per cell, alternating (ABAB...) and pooled")
     parser.add_argument("--models", default="trivial_detector,people_detector")
     parser.add_argument("--protocols", default="http,grpc")
     parser.add_argument("--concurrency", default="1,16")
@@ -332,7 +332,10 @@ def main() -> int:
             for protocol in args.protocols.split(","):
                 message = http_message(model, image) if protocol == "http" else grpc_message(model, image)
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
-                    results: dict[str, list] = {"direct": [], "sidecar": []}
+                    # Direct and sidecar alternate in slices (--repeat of them each), and each side's
+                    # slices are pooled: both see the same background load on these shared cores.
+                    pooled = {t: {"latencies": [], "errors": 0, "seconds": 0.0, "cpu": 0.0, "requests": 0,
+                                  "load": 0.0, "other": 0.0, "wall": 0.0} for t in ("direct", "sidecar")}
                     for _ in range(args.repeat):
                         for target in ("direct", "sidecar"):
                             if protocol == "http":
@@ -340,30 +343,28 @@ def main() -> int:
                             else:
                                 port = triton.grpc_port if target == "direct" else sidecar.grpc_port
                             busy0, ours0, side0 = machine_busy_seconds(), cpu_seconds(ours), cpu_seconds([sidecar.pid])
-                            load0, triton0 = cpu_seconds(load.pids()), cpu_seconds(triton_pids)
+                            load0 = cpu_seconds(load.pids())
                             wall0 = time.monotonic()
                             latencies, errors = load.run(protocol, port, message, concurrency, args.warmup, seconds)
                             wall = time.monotonic() - wall0
-                            side = cpu_seconds([sidecar.pid]) - side0 - idle_rate * wall
-                            other = (machine_busy_seconds() - busy0) - (cpu_seconds(ours) - ours0)
-                            results[target].append({
-                                "rps": len(latencies) / seconds, "p50": percentile(latencies, 0.5) * 1e3,
-                                "p99": percentile(latencies, 0.99) * 1e3, "errors": errors,
-                                # the sidecar's CPU over warm-up + measurement (idle CPU taken out),
-                                # per request in that time
-                                "cpu_us": max(0.0, side) / max(1, len(latencies) * (seconds + args.warmup) / seconds) * 1e6
-                                if target == "sidecar" else None,
-                                "load_cores": (cpu_seconds(load.pids()) - load0) / wall,
-                                "triton_cores": (cpu_seconds(triton_pids) - triton0) / wall,
-                                "other_cores": max(0.0, other / wall),
-                            })
-                    d = {k: statistics.median(r[k] for r in results["direct"]) for k in ("rps", "p50", "p99")}
-                    s = {k: statistics.median(r[k] for r in results["sidecar"]) for k in ("rps", "p50", "p99")}
-                    cpu = statistics.median(r["cpu_us"] for r in results["sidecar"])
-                    errors = sum(r["errors"] for rs in results.values() for r in rs)
-                    everything = results["direct"] + results["sidecar"]
-                    row = (model, protocol, concurrency, d, s, cpu, errors,
-                           max(r["load_cores"] for r in everything), max(r["other_cores"] for r in everything))
+                            p = pooled[target]
+                            p["latencies"] += latencies
+                            p["errors"] += errors
+                            p["seconds"] += seconds
+                            # requests over warm-up + measurement, for the sidecar's CPU in that time
+                            p["requests"] += len(latencies) * (seconds + args.warmup) / seconds
+                            p["cpu"] += cpu_seconds([sidecar.pid]) - side0 - idle_rate * wall
+                            p["load"] += cpu_seconds(load.pids()) - load0
+                            p["other"] += (machine_busy_seconds() - busy0) - (cpu_seconds(ours) - ours0)
+                            p["wall"] += wall
+                    d, s = ({"rps": len(p["latencies"]) / p["seconds"], "p50": percentile(p["latencies"], 0.5) * 1e3,
+                             "p99": percentile(p["latencies"], 0.99) * 1e3} for p in (pooled["direct"], pooled["sidecar"]))
+                    cpu = max(0.0, pooled["sidecar"]["cpu"]) / max(1.0, pooled["sidecar"]["requests"]) * 1e6
+                    errors = pooled["direct"]["errors"] + pooled["sidecar"]["errors"]
+                    wall = pooled["direct"]["wall"] + pooled["sidecar"]["wall"]
+                    load_cores = (pooled["direct"]["load"] + pooled["sidecar"]["load"]) / wall
+                    other_cores = max(0.0, (pooled["direct"]["other"] + pooled["sidecar"]["other"]) / wall)
+                    row = (model, protocol, concurrency, d, s, cpu, errors, load_cores, other_cores)
                     rows.append(row)
                     print(format_row(row), flush=True)
     finally:
