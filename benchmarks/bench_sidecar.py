@@ -290,6 +290,8 @@ def main() -> int:
     parser.add_argument("--models", default="trivial_detector,people_detector")
     parser.add_argument("--protocols", default="http,grpc")
     parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--no-observe", dest="observe", action="store_false",
+                        help="configure no models: the proxies alone, nothing read along (the ceiling)")
     parser.add_argument("--no-spend-budget", dest="spend_budget", action="store_false",
                         help="measure from a fresh sidecar (its first 300 samples are prepared during the runs)")
     args = parser.parse_args()
@@ -310,10 +312,11 @@ def main() -> int:
     try:
         triton.start()
         sidecar = SidecarProcess(workdir, triton, policies=REPO / "policies" / "default.yaml",
-                                 sink={"type": "directory", "path": str(workdir / "dataset")})
+                                 sink={"type": "directory", "path": str(workdir / "dataset")},
+                                 models=None if args.observe else {})
         sidecar.start()
         triton_pids = group_pids(triton.pid)
-        if args.spend_budget:
+        if args.spend_budget and args.observe:
             import yaml
 
             policy = yaml.safe_load((REPO / "policies" / "default.yaml").read_text())
