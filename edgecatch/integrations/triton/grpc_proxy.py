@@ -51,7 +51,7 @@ MODEL_INFER = f"/{SERVICE}/ModelInfer".encode()
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer".encode()
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_DATA, _HEADERS, _RST_STREAM, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0x0, 0x1, 0x3, 0x5, 0x7, 0x9
+_DATA, _HEADERS, _RST_STREAM, _CONTINUATION = 0x0, 0x1, 0x3, 0x9
 _END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
 _MIN_MAX_FRAME_SIZE = 16384  # every peer accepts frames this large; an id that would not fit is left out
 _HEADER = struct.Struct(">HBBBI")  # length (3 bytes, split 2+1), type, flags, stream id (31 bits)
@@ -170,7 +170,7 @@ class GrpcProxy:
                                                 reuse_address=True)
         return self._server.sockets[0].getsockname()[1]
 
-    async def close(self, grace: float = 1.0) -> None:
+    async def close(self) -> None:
         if self._server is not None:
             self._server.close()
         for connection in list(self._connections):

@@ -19,9 +19,9 @@ import asyncio
 import logging
 import re
 from collections import deque
-from urllib.parse import unquote_to_bytes
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
 import httptools
 
