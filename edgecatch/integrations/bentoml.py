@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -260,6 +261,14 @@ def _upload_bytes(image: Any) -> bytes | None:
     fp = getattr(image, "fp", None)
     if fp is None or getattr(image, "format", None) is None:
         return None
+    # Starlette keeps uploads under 1 MB in a SpooledTemporaryFile backed by a BytesIO, whose
+    # getvalue() hands out its own buffer without copying: no 60 KB memcpy per request.
+    memory = fp if isinstance(fp, io.BytesIO) else getattr(fp, "_file", None)
+    if isinstance(memory, io.BytesIO):
+        try:
+            return memory.getvalue() or None
+        except ValueError:  # closed
+            return None
     try:
         position = fp.tell()
         fp.seek(0)
