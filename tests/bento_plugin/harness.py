@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from tests.process_groups import stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 BENTOML = Path(sys.executable).parent / "bentoml"
@@ -93,13 +94,7 @@ def start_bento(service: str, workdir: Path, config_path: Path, policy_path: Pat
 
 
 def stop_bento(server: BentoServer) -> None:
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait(10)
+    stop_group(server.process, grace=30)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):

@@ -17,7 +17,6 @@ import io
 import math
 import os
 import shutil
-import signal
 import subprocess
 import textwrap
 import time
@@ -32,6 +31,7 @@ from edgecatch.delivery.sample import SampleDetection, SampleRecord
 from edgecatch.delivery.spool import Spool
 from edgecatch.metrics import Metrics
 from tests.bento_plugin.harness import free_port, start_bento, stop_bento, wait_for, write_config
+from tests.process_groups import stop_group
 from tests.sidecar.processes import SidecarProcess
 from tests.upload_api_server import UploadApiServer
 
@@ -87,13 +87,7 @@ class Prometheus:
         return body["data"]["result"]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_group(self.process, grace=20)
 
 
 def start_prometheus(workdir: Path, targets: dict[str, str]) -> Prometheus:
