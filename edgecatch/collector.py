@@ -14,6 +14,7 @@ socket in the spool's `run/` folder (the inference id names the worker).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from edgecatch.metrics import Metrics, get_metrics
+from edgecatch.metrics import Metrics, MetricTally, get_metrics
 from edgecatch.observation import Classification, Detection, Observation, Verdict
 from edgecatch.policies import Decision, EngineState, PolicyStore
 from edgecatch.policies.redis_limiter import LimiterEvent, build_limiter
@@ -43,6 +44,11 @@ log = logging.getLogger("edgecatch")
 T = TypeVar("T")
 
 _SWEEP_SECONDS = 1.0
+#: How often the background loop writes the request path's tallied metrics and silent events.
+_FLUSH_SECONDS = 0.25
+#: Evicted predictions (with their images) waiting for their silent event; beyond this the request
+#: path evaluates them itself. About 100 wait at 400 predictions/s; the bound caps the memory.
+_SILENT_BACKLOG = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,11 @@ class Collector:
         self._max_classes = config.metrics.max_class_labels
         self._classes: dict[str, set[str]] = {}
         self._children: dict[tuple[str, str], Any] = {}
+        # Request-path counts, written to the metrics by the background loop once it runs.
+        self._tally = MetricTally()
+        # Predictions that left the recall buffer without a verdict, awaiting their silent event
+        # (evaluated by the background loop once it runs, inline before).
+        self._silent_pending: collections.deque[Recalled] = collections.deque()
         self._pid = os.getpid()
         self._worker_tag = _base36(self._pid)
         self._state = "created"
@@ -133,8 +144,15 @@ class Collector:
         if decision.selected:
             self.submit(observation, image, decision)
         if observation.inference_id:
-            for evicted in self.recall.put(observation.inference_id, observation, image):
-                self._silent(evicted)
+            evicted = self.recall.put(observation.inference_id, observation, image)
+            if evicted:
+                # The background loop evaluates them, off the request path; should it fall behind
+                # (their images are still held), the request path does it again.
+                if self._tally.buffered and len(self._silent_pending) < _SILENT_BACKLOG:
+                    self._silent_pending.extend(evicted)
+                else:
+                    for entry in evicted:
+                        self._silent(entry)
         return decision
 
     def submit(self, observation: Observation, image: Any, decision: Decision) -> bool:
@@ -194,24 +212,27 @@ class Collector:
     def _count_prediction(self, observation: Observation, decision: Decision) -> None:
         metrics = self.metrics
         model = observation.model
-        if observation.feedback is not None:
-            self._child(metrics.feedback, observation.feedback.value).inc()
-        else:
-            self._child(metrics.predictions, model).inc()
-            if observation.classification is not None:
-                top = observation.classification.top_class
-                if top is not None:
-                    self._confidence_child(model, top).observe(observation.classification.top_confidence)
+        tally = self._tally
+        child = self._child
+        with tally.lock:
+            if observation.feedback is not None:
+                tally.inc(child(metrics.feedback, observation.feedback.value))
             else:
-                self._child(metrics.detections, model).observe(len(observation.detections))
-                for detection in observation.detections:
-                    self._confidence_child(model, detection.class_name).observe(detection.confidence)
-        for name in decision.matched:
-            self._child(metrics.policy_matches, model, name).inc()
-        if decision.selected:
-            self._child(metrics.samples, model, decision.policy).inc()
-        for name in decision.limited:
-            self._child(metrics.limited, name).inc()
+                tally.inc(child(metrics.predictions, model))
+                if observation.classification is not None:
+                    top = observation.classification.top_class
+                    if top is not None:
+                        tally.observe(self._confidence_child(model, top), observation.classification.top_confidence)
+                else:
+                    tally.observe(child(metrics.detections, model), len(observation.detections))
+                    for detection in observation.detections:
+                        tally.observe(self._confidence_child(model, detection.class_name), detection.confidence)
+            for name in decision.matched:
+                tally.inc(child(metrics.policy_matches, model, name))
+            if decision.selected:
+                tally.inc(child(metrics.samples, model, decision.policy))
+            for name in decision.limited:
+                tally.inc(child(metrics.limited, name))
 
     # -- feedback ------------------------------------------------------------------------------
 
@@ -317,6 +338,7 @@ class Collector:
             self._worker_tag = _base36(self._pid)
             self.delivery.start()
             self.policies.start()
+            self._tally.buffered = True
             ready = threading.Event()
             self._thread = threading.Thread(target=self._run_loop, args=(ready,), name="edgecatch-collector",
                                             daemon=True)
@@ -339,13 +361,13 @@ class Collector:
             except OSError as exc:
                 log.warning("verdicts for this worker cannot be forwarded from others: %s", exc)
             ready.set()
+            next_sweep = loop.time() + _SWEEP_SECONDS
             while True:
-                await asyncio.sleep(_SWEEP_SECONDS)
-                for entry in self.recall.expire():
-                    try:
-                        self._silent(entry)
-                    except Exception:
-                        log.exception("silent event failed")
+                await asyncio.sleep(_FLUSH_SECONDS)
+                if loop.time() >= next_sweep:
+                    next_sweep += _SWEEP_SECONDS
+                    self._silent_pending.extend(self.recall.expire())
+                self._background_work()
 
         task = loop.create_task(main())
         try:
@@ -355,6 +377,17 @@ class Collector:
         finally:
             ready.set()
             loop.close()
+
+    def _background_work(self) -> None:
+        """Silent events of predictions that left the recall buffer, then the tallied metrics."""
+        pending = self._silent_pending
+        while pending:
+            entry = pending.popleft()
+            try:
+                self._silent(entry)
+            except Exception:
+                log.exception("silent event failed")
+        self._tally.flush()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop reloads and the sweep; delivery drains what it can and leaves the rest spooled."""
@@ -374,6 +407,8 @@ class Collector:
                 loop.call_soon_threadsafe(cancel_all)
             if self._thread is not None:
                 self._thread.join(5)
+            self._tally.buffered = False  # from now on inline again; what was gathered is written now
+            self._background_work()
             self._peer_socket(self._pid).unlink(missing_ok=True)
             self.delivery.stop(timeout)
             close_limiter = getattr(self.limiter, "close", None)

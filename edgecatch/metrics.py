@@ -16,10 +16,12 @@ the design note's name. Ops use them through ops/grafana and ops/prometheus (see
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics", "get_metrics", "CONFIDENCE_BUCKETS", "DROP_REASONS", "UPLOAD_FAILURE_REASONS",
+__all__ = ["Metrics", "MetricTally", "get_metrics", "CONFIDENCE_BUCKETS", "DROP_REASONS", "UPLOAD_FAILURE_REASONS",
            "upload_failure_reason"]
 
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -113,6 +115,66 @@ class Metrics:
         self.upload_seconds = Histogram(
             "edgecatch_upload_seconds", "Time to deliver one sample", ["sink"],
             buckets=UPLOAD_SECONDS_BUCKETS, **kw)
+
+
+class MetricTally:
+    """Counter increments and histogram observations gathered on the request path, written in bulk.
+
+    In Prometheus's multiprocess mode (BentoML workers) every `inc()`/`observe()` takes a lock and
+    writes an mmap'd file; a prediction with three detections made 13 such writes, about 20 µs.
+    Gathered here (plain dict updates under one lock) and written by `flush()` from a background
+    loop, the same prediction costs 2-3 µs, and /metrics lags by at most the flush interval.
+    Keys are labelled children of the metrics; histogram children are written bucket by bucket,
+    exactly what `Histogram.observe` would have written (a test compares the two).
+
+    Until `buffered` is set (by whoever runs the flushing loop) calls write through at once.
+    """
+
+    __slots__ = ("_lock", "_counts", "_observed", "buffered")
+
+    def __init__(self) -> None:
+        self.buffered = False
+        self._lock = threading.Lock()
+        self._counts: dict[Any, float] = {}
+        #: histogram child -> [sum of observations, count per bucket...]
+        self._observed: dict[Any, list[float]] = {}
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held around a prediction's `inc`/`observe` calls: one acquisition, not one per call."""
+        return self._lock
+
+    def inc(self, child: Any, amount: float = 1.0) -> None:
+        """A counter increment (call with `lock` held)."""
+        if not self.buffered:
+            child.inc(amount)
+            return
+        counts = self._counts
+        counts[child] = counts.get(child, 0.0) + amount
+
+    def observe(self, child: Any, value: float) -> None:
+        """A histogram observation (call with `lock` held)."""
+        if not self.buffered:
+            child.observe(value)
+            return
+        state = self._observed.get(child)
+        if state is None:
+            state = self._observed[child] = [0.0] * (len(child._upper_bounds) + 1)
+        state[0] += value
+        state[1 + bisect_left(child._upper_bounds, value)] += 1
+
+    def flush(self) -> None:
+        """Write what was gathered since the last flush to the metrics (thread-safe)."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            observed, self._observed = self._observed, {}
+        for child, amount in counts.items():
+            child.inc(amount)
+        for child, state in observed.items():
+            child._sum.inc(state[0])
+            for bucket, count in zip(child._buckets, state[1:]):
+                if count:
+                    bucket.inc(count)
 
 
 def upload_failure_reason(status: int | None, message: str = "") -> str:

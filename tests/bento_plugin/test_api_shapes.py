@@ -67,7 +67,7 @@ def test_batchable_api_gives_one_observation_per_item(service, unique_jpeg):
     assert all(r.json() == [[{"class": "dog", "class_id": 1, "confidence": 0.4, "box": [1.0, 2.0, 3.0, 4.0]}]]
                or r.json() == [{"class": "dog", "class_id": 1, "confidence": 0.4, "box": [1.0, 2.0, 3.0, 4.0]}]
                for r in responses)
-    assert service.metric("edgecatch_predictions_total", {"model": "batch-detector"}) == before + 4
+    assert wait_for(lambda: service.metric("edgecatch_predictions_total", {"model": "batch-detector"}) == before + 4)
     assert wait_for(lambda: len([e for e in manifest(service) if e["model"] == "batch-detector"]) >= 4)
 
 

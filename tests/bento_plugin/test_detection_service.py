@@ -190,7 +190,8 @@ def test_metrics_on_bentomls_own_endpoint(service, sample_jpegs):
     with service.client() as client:
         for _ in range(3):
             assert detect(client, "coins.jpg", sample_jpegs["coins"]).status_code == 200
-    assert service.metric("edgecatch_predictions_total", {"model": "people-detector"}) == before + 3
+    # The request path tallies; a background loop writes the tally every 0.25 s.
+    assert wait_for(lambda: service.metric("edgecatch_predictions_total", {"model": "people-detector"}) == before + 3)
     assert service.metric("edgecatch_detections_count", {"model": "people-detector"}) >= 3
     assert service.metric("edgecatch_prediction_confidence_count", {"model": "people-detector"}) >= 3
     assert service.metric("edgecatch_samples_total", {"model": "people-detector", "policy": "low-confidence"}) >= 1

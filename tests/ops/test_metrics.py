@@ -125,3 +125,79 @@ def test_policy_reload_failing_holds_until_a_good_file_is_loaded(tmp_path):
     assert value("edgecatch_policy_reload_failing") == 0
     assert value("edgecatch_policy_reloads_total", {"outcome": "success"}) == 1
     assert value("edgecatch_limiter_available") == 1  # in-process budgets always answer
+
+
+TALLY_VS_DIRECT = r"""
+import json, os, random, sys
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from edgecatch.metrics import CONFIDENCE_BUCKETS, MetricTally
+
+registry = CollectorRegistry()
+made = {}
+for way in ("direct", "tally"):
+    made[way] = (Histogram(f"{way}_confidence", "h", ["cls"], buckets=CONFIDENCE_BUCKETS, registry=registry),
+                 Counter(f"{way}_events", "c", ["kind"], registry=registry))
+tally = MetricTally()
+tally.buffered = True
+rng = random.Random(7)
+for i in range(2000):
+    value = rng.choice([0.0, 0.1, 0.55, 0.95, 1.0, rng.random()])
+    cls, kind = rng.choice("ab"), rng.choice("xyz")
+    made["direct"][0].labels(cls).observe(value)
+    made["direct"][1].labels(kind).inc()
+    with tally.lock:
+        tally.observe(made["tally"][0].labels(cls), value)
+        tally.inc(made["tally"][1].labels(kind))
+    if i % 700 == 0:
+        tally.flush()
+tally.flush()
+tally.flush()  # nothing left: writes nothing
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    from prometheus_client import multiprocess
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+samples = {way: sorted((s.name.split("_", 1)[1], tuple(sorted(s.labels.items())), round(s.value, 9))
+                       for family in registry.collect() if family.name.startswith(way)
+                       for s in family.samples if not s.name.endswith("_created"))
+           for way in ("direct", "tally")}
+print(json.dumps(samples))
+"""
+
+
+@pytest.mark.parametrize("multiprocess", [False, True], ids=["single-process", "multiprocess"])
+def test_tallied_metrics_equal_direct_observations(tmp_path, multiprocess):
+    """What MetricTally writes in bulk is exactly what inc()/observe() would have, bucket by bucket,
+    in both of prometheus-client's modes (BentoML workers use the multiprocess one)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if multiprocess:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", TALLY_VS_DIRECT], env=env, capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))).stdout
+    samples = json.loads(out)
+    assert samples["direct"] == samples["tally"]
+    assert any(name == "confidence_bucket" for name, _, _ in samples["tally"])
+    assert len(samples["tally"]) > 20
+
+
+def test_tally_writes_through_until_buffered():
+    from edgecatch.metrics import MetricTally
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    tally = MetricTally()
+    with tally.lock:
+        tally.inc(metrics.predictions.labels("m"))
+        tally.observe(metrics.detections.labels("m"), 3)
+    assert registry.get_sample_value("edgecatch_predictions_total", {"model": "m"}) == 1
+    assert registry.get_sample_value("edgecatch_detections_bucket", {"model": "m", "le": "3.0"}) == 1
+    tally.buffered = True
+    with tally.lock:
+        tally.inc(metrics.predictions.labels("m"), 2)
+    assert registry.get_sample_value("edgecatch_predictions_total", {"model": "m"}) == 1
+    tally.flush()
+    assert registry.get_sample_value("edgecatch_predictions_total", {"model": "m"}) == 3
