@@ -6,6 +6,11 @@ A verdict (`incorrect` / `correct`) takes the entry and turns it into a feedback
 that leaves the buffer without a verdict comes back once as a `silent` event: the implicit
 affirmation the policies may sample.
 
+Entries are stored as tuples of plain values (strings, numbers, bytes), not as objects: such
+tuples are untracked by Python's cyclic garbage collector, whose full collections otherwise walk
+every remembered prediction again and again (in a BentoML worker at 400 requests/s that was tens of
+µs per request). The `Observation` is rebuilt when an entry leaves the buffer or gets a verdict.
+
 Memory: each entry costs its image bytes plus about 1 KB of bookkeeping and prediction (20
 detections). At 20 predictions/s of 60 KB JPEGs and `max_age_seconds: 300`, that is 6,000 entries
 and about 370 MB — so `max_bytes` (default 256 MB) is what bounds it in practice.
@@ -17,10 +22,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from edgecatch.observation import Observation
+from edgecatch.observation import Classification, Detection, Observation
 
 __all__ = ["RecallBuffer", "Recalled", "image_nbytes"]
 
@@ -44,14 +48,77 @@ def image_nbytes(image: Any) -> int:
     return 0
 
 
-@dataclass(slots=True)
 class Recalled:
-    observation: Observation
-    image: Any
-    nbytes: int
-    expires: float
-    #: The verdict already given, if any: one verdict per prediction, and no `silent` event after it.
-    verdict: str | None = None
+    """A remembered prediction handed back by the buffer (evicted, expired, or given a verdict)."""
+
+    __slots__ = ("_packed", "image", "nbytes", "expires", "verdict")
+
+    def __init__(self, packed: Any, image: Any, nbytes: int, expires: float, verdict: str | None = None) -> None:
+        self._packed = packed
+        self.image = image
+        self.nbytes = nbytes
+        self.expires = expires
+        #: The verdict already given, if any: one verdict per prediction, and no `silent` event after it.
+        self.verdict = verdict
+
+    @property
+    def observation(self) -> Observation:
+        return _unpack(self._packed)
+
+    def __repr__(self) -> str:
+        return f"Recalled({self.observation!r}, nbytes={self.nbytes}, verdict={self.verdict!r})"
+
+
+# An entry in the buffer is one flat tuple: image, nbytes, expires, verdict, then the observation
+# (see _pack). Flat, because the GC untracks a tuple only once everything in it is untracked, and a
+# young collection visits a nested structure outer tuple first: a nested entry would reach the old
+# generation still tracked. Everything in a flat entry is a str, number, bytes or None.
+_IMAGE, _NBYTES, _EXPIRES, _VERDICT = range(4)
+_HEAD = 4
+
+
+def _pack(observation: Observation) -> list[Any]:
+    """The observation as a flat list of plain values (the entry's tail)."""
+    if observation.feedback is not None or observation.corrected is not None:
+        return [observation]  # feedback events are never remembered; kept whole just in case
+    classification = observation.classification
+    ranked = classification.ranked if classification is not None else None
+    extra = observation.extra
+    values = [observation.model, observation.model_version, observation.image_width, observation.image_height,
+              observation.inference_id, observation.timestamp, len(observation.detections),
+              -1 if ranked is None else len(ranked), len(extra)]
+    for d in observation.detections:
+        values += (d.class_name, d.confidence, *d.box, d.class_id)
+    if ranked:
+        for name, probability in ranked:
+            values += (name, probability)
+    for key, value in extra.items():
+        values += (key, value)
+    return values
+
+
+def _unpack(packed: tuple[Any, ...]) -> Observation:
+    if len(packed) == 1:
+        return packed[0]
+    model, version, width, height, inference_id, timestamp, n_detections, n_ranked, n_extra = packed[:9]
+    at = 9
+    detections = []
+    for _ in range(n_detections):
+        name, confidence, x1, y1, x2, y2, class_id = packed[at:at + 7]
+        detections.append(Detection(name, confidence, (x1, y1, x2, y2), class_id))
+        at += 7
+    classification = None
+    if n_ranked >= 0:
+        classification = Classification(tuple(packed[at + 2 * i:at + 2 * i + 2] for i in range(n_ranked)))
+        at += 2 * n_ranked
+    extra = {packed[at + 2 * i]: packed[at + 2 * i + 1] for i in range(n_extra)}
+    return Observation(
+        model=model, model_version=version, image_width=width, image_height=height, detections=tuple(detections),
+        classification=classification, inference_id=inference_id, timestamp=timestamp, extra=extra)
+
+
+def _recalled(entry: tuple[Any, ...]) -> Recalled:
+    return Recalled(entry[_HEAD:], entry[_IMAGE], entry[_NBYTES], entry[_EXPIRES], entry[_VERDICT])
 
 
 class RecallBuffer:
@@ -69,7 +136,7 @@ class RecallBuffer:
         self.max_bytes = max_bytes
         self.max_age_seconds = max_age_seconds
         self._clock = clock
-        self._entries: OrderedDict[str, Recalled] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -84,26 +151,26 @@ class RecallBuffer:
         """Remember an observation. Returns the entries pushed out to make room (oldest first)."""
         cost = (image_nbytes(image) if nbytes is None else nbytes) + ENTRY_OVERHEAD_BYTES
         now = self._clock()
-        entry = Recalled(observation, image, cost, now + self.max_age_seconds)
+        entry = tuple([image, cost, now + self.max_age_seconds, None] + _pack(observation))
         evicted: list[Recalled] = []
         with self._lock:
             if cost > self.max_bytes:
                 # Too big to remember at all: it leaves at once (and may still become a silent event).
-                return [entry]
+                return [_recalled(entry)]
             old = self._entries.pop(inference_id, None)
             if old is not None:
-                self._bytes -= old.nbytes
+                self._bytes -= old[_NBYTES]
             self._entries[inference_id] = entry
             self._bytes += cost
             entries = self._entries
             while entries and (
                 len(entries) > self.max_items
                 or self._bytes > self.max_bytes
-                or next(iter(entries.values())).expires <= now
+                or next(iter(entries.values()))[_EXPIRES] <= now
             ):
                 _, oldest = entries.popitem(last=False)
-                self._bytes -= oldest.nbytes
-                evicted.append(oldest)
+                self._bytes -= oldest[_NBYTES]
+                evicted.append(_recalled(oldest))
         return evicted
 
     def give_verdict(self, inference_id: str, verdict: str) -> tuple[Recalled | None, bool]:
@@ -111,12 +178,12 @@ class RecallBuffer:
         now = self._clock()
         with self._lock:
             entry = self._entries.get(inference_id)
-            if entry is None or entry.expires <= now:
+            if entry is None or entry[_EXPIRES] <= now:
                 return None, False
-            if entry.verdict is not None:
-                return entry, False
-            entry.verdict = verdict
-            return entry, True
+            if entry[_VERDICT] is not None:
+                return _recalled(entry), False
+            entry = self._entries[inference_id] = (*entry[:_VERDICT], verdict, *entry[_VERDICT + 1:])  # keeps its place
+            return _recalled(entry), True
 
     def expire(self) -> list[Recalled]:
         """Remove and return the entries whose time is up (called periodically, off the request path)."""
@@ -124,8 +191,8 @@ class RecallBuffer:
         evicted: list[Recalled] = []
         with self._lock:
             entries = self._entries
-            while entries and next(iter(entries.values())).expires <= now:
+            while entries and next(iter(entries.values()))[_EXPIRES] <= now:
                 _, oldest = entries.popitem(last=False)
-                self._bytes -= oldest.nbytes
-                evicted.append(oldest)
+                self._bytes -= oldest[_NBYTES]
+                evicted.append(_recalled(oldest))
         return evicted

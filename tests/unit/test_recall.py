@@ -65,7 +65,7 @@ def test_one_verdict_per_prediction_and_it_is_remembered():
     entry, first = buffer.give_verdict("a", "incorrect")
     assert first and entry.verdict == "incorrect"
     again, first = buffer.give_verdict("a", "correct")
-    assert again is entry and not first and entry.verdict == "incorrect"
+    assert again.observation == entry.observation and not first and again.verdict == "incorrect"
     assert buffer.give_verdict("nope", "correct") == (None, False)
 
 
@@ -91,3 +91,34 @@ def test_concurrent_puts_keep_the_accounting_exact():
         t.join()
     assert len(buffer) == 500
     assert buffer.nbytes == 500 * (10 + ENTRY_OVERHEAD_BYTES)
+
+
+def test_entries_come_back_equal_and_are_left_alone_by_the_cyclic_gc():
+    """Remembered predictions are plain tuples: Python's GC stops tracking them, so its full
+    collections do not walk thousands of recent predictions again and again."""
+    import gc
+
+    from edgecatch.observation import Classification, Detection
+
+    detected = Observation(model="m", model_version="3", image_width=640, image_height=480,
+                           detections=(Detection("person", 0.9, (1.0, 2.0, 3.0, 4.0), 0),
+                                       Detection("face", 0.4, (5.0, 6.0, 7.0, 8.0))),
+                           inference_id="id-d", timestamp=1.5, extra={"route": "/v2/x"})
+    classified = Observation(model="c", classification=Classification.from_scores({"cat": 0.7, "dog": 0.3}),
+                             inference_id="id-c")
+    buffer = RecallBuffer(max_items=10, clock=Clock())
+    buffer.put("id-d", detected, b"jpeg")
+    buffer.put("id-c", classified, b"jpeg")
+    gc.collect(0)  # one young collection is enough: entries never reach the old generations tracked
+    assert not any(gc.is_tracked(entry) for entry in buffer._entries.values())
+    entry, first = buffer.give_verdict("id-d", "correct")
+    assert first and entry.observation == detected and entry.observation.extra == {"route": "/v2/x"}
+    assert entry.image == b"jpeg"
+    gc.collect()
+    assert not any(gc.is_tracked(entry) for entry in buffer._entries.values())
+    assert [e.observation for e in buffer.expire()] == []
+    Clock.now = 0.0
+    evicted = RecallBuffer(max_items=1, clock=Clock())
+    evicted.put("id-c", classified, b"jpeg")
+    (gone,) = evicted.put("id-d", detected, b"jpeg")
+    assert gone.observation == classified and gone.verdict is None
