@@ -120,6 +120,12 @@ class PolicySet:
         self._random = self.state.rng.random
         self._global_windows: Windows = document.limits.windows() if document.limits else ()
         self._policies = tuple(self._compile_policy(p) for p in document.policies if p.enabled)
+        # Feedback policies see only feedback events with their verdict, the others only
+        # predictions: each kind of event walks just its own policies, in document order.
+        self._policies_for: dict[str | None, tuple[_CompiledPolicy, ...]] = {}
+        for policy in self._policies:
+            self._policies_for[policy.feedback] = (*self._policies_for.get(policy.feedback, ()), policy)
+        self._tags_cache: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._batch_cache: dict[tuple[int, str], str] = {}
 
     @property
@@ -144,11 +150,8 @@ class PolicySet:
         sampled_out: list[tuple[int, str]] = []
         settled = False  # a candidate without limits of its own: no later policy could select
         model = observation.model
-        # Feedback policies see only feedback events with their verdict; the others never see them.
         verdict = observation.feedback.value if observation.feedback is not None else None
-        for policy in self._policies:
-            if policy.feedback != verdict:
-                continue
+        for policy in self._policies_for.get(verdict, ()):
             if not policy.applies_to_model(model):
                 continue
             reason = self._holds(policy.checks, observation)
@@ -207,11 +210,17 @@ class PolicySet:
         return "; ".join(reasons) if len(reasons) > 1 else reasons[0] if reasons else "always"
 
     def _tags(self, matched: list[str]) -> tuple[str, ...]:
-        tags = dict.fromkeys(self.document.tags)
-        for policy in self._policies:
-            if policy.name in matched:
-                tags.update(dict.fromkeys(policy.tags))
-        return tuple(tags)
+        key = tuple(matched)
+        tags = self._tags_cache.get(key)
+        if tags is None:
+            merged = dict.fromkeys(self.document.tags)
+            for policy in self._policies:
+                if policy.name in matched:
+                    merged.update(dict.fromkeys(policy.tags))
+            tags = tuple(merged)
+            if len(self._tags_cache) < 1024:  # combinations of matching policies: few in practice
+                self._tags_cache[key] = tags
+        return tags
 
     def _batch(self, model: str, now: float) -> str:
         key = (int(now // 86400), model)
