@@ -276,7 +276,11 @@ class Collector:
 
     def _silent(self, entry: Recalled) -> None:
         if entry.verdict is None:
-            self._feedback_event(entry.observation, entry.image, Verdict.SILENT, "", None)
+            event = entry.as_event(Verdict.SILENT, self._clock())  # one for every prediction: built directly
+            decision = self.policies.current.evaluate(event, now=event.timestamp)
+            self._count_prediction(event, decision)
+            if decision.selected:
+                self.submit(event, entry.image, decision)
 
     # -- several workers: verdicts find the worker that remembers the prediction ---------------
 

@@ -22,9 +22,10 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
-from edgecatch.observation import Classification, Detection, Observation
+from edgecatch.observation import Classification, Detection, Observation, Verdict
 
 __all__ = ["RecallBuffer", "Recalled", "image_nbytes"]
 
@@ -65,6 +66,10 @@ class Recalled:
     def observation(self) -> Observation:
         return _unpack(self._packed)
 
+    def as_event(self, verdict: Verdict, timestamp: float) -> Observation:
+        """The remembered prediction as a feedback event (without a note or corrected labels)."""
+        return _unpack(self._packed, verdict, timestamp)
+
     def __repr__(self) -> str:
         return f"Recalled({self.observation!r}, nbytes={self.nbytes}, verdict={self.verdict!r})"
 
@@ -97,9 +102,10 @@ def _pack(observation: Observation) -> list[Any]:
     return values
 
 
-def _unpack(packed: tuple[Any, ...]) -> Observation:
+def _unpack(packed: tuple[Any, ...], feedback: Verdict | None = None, event_time: float | None = None) -> Observation:
     if len(packed) == 1:
-        return packed[0]
+        observation = packed[0]
+        return observation if feedback is None else replace(observation, feedback=feedback, timestamp=event_time)
     model, version, width, height, inference_id, timestamp, n_detections, n_ranked, n_extra = packed[:9]
     at = 9
     detections = []
@@ -114,7 +120,8 @@ def _unpack(packed: tuple[Any, ...]) -> Observation:
     extra = {packed[at + 2 * i]: packed[at + 2 * i + 1] for i in range(n_extra)}
     return Observation(
         model=model, model_version=version, image_width=width, image_height=height, detections=tuple(detections),
-        classification=classification, inference_id=inference_id, timestamp=timestamp, extra=extra)
+        classification=classification, feedback=feedback, inference_id=inference_id,
+        timestamp=timestamp if event_time is None else event_time, extra=extra)
 
 
 def _recalled(entry: tuple[Any, ...]) -> Recalled:
