@@ -11,7 +11,7 @@ the machine.
 
 Before the trivial service is measured, traffic spends the default policy's hourly sample budget
 (300) and the run waits until delivery has stored those samples (--no-spend-budget skips this), as
-the sidecar's benchmark does: the figures are the steady state of a busy hour, every prediction
+the sidecar's benchmark does; the disabled twin gets the same traffic meanwhile: the figures are the steady state of a busy hour, every prediction
 observed, evaluated, counted and remembered for feedback. At 400 requests/s the budget is spent within
 two minutes of each hour; during those minutes each selected sample also costs its preparation,
 fsynced spool entry and delivery (measure that phase with --no-spend-budget). The example detector
@@ -109,13 +109,15 @@ def run_wrk(url: str, script: Path, concurrency: int, seconds: float, pid: int |
     return result
 
 
-def spend_budget(server, script: Path, budget: int, spool: Path) -> None:
+def spend_budget(server, twin, script: Path, budget: int, spool: Path) -> None:
     """Send traffic until the default policy's hourly sample budget is spent and delivery has stored
     those samples: what follows is the steady state of a busy hour (every prediction still observed,
-    evaluated, counted and remembered for feedback; the budget selects no more)."""
+    evaluated, counted and remembered for feedback; the budget selects no more). The twin (edgecatch
+    disabled) gets the same traffic in between, so that both processes have the same history."""
     began = time.monotonic()
     while server.metric("edgecatch_samples_total") < budget and time.monotonic() - began < 600:
         run_wrk(server.url, script, 8, 3)
+        run_wrk(twin.url, script, 8, 3)
     deadline = time.monotonic() + 120
     while any((spool / "ready").glob("*")) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -164,7 +166,8 @@ def main() -> None:
         try:
             if args.spend_budget and label == "trivial service":
                 budget = int(yaml.safe_load((REPO / "policies" / "default.yaml").read_text())["limits"]["per_hour"])
-                spend_budget(servers[True], script, budget, work / f"{target.split(':')[1]}-on" / "spool")
+                spend_budget(servers[True], servers[False], script, budget,
+                             work / f"{target.split(':')[1]}-on" / "spool")
             for concurrency in args.concurrency:
                 results: dict[bool, list[dict[str, float]]] = {True: [], False: []}
                 for _ in range(args.rounds):
