@@ -280,7 +280,11 @@ class Collector:
             decision = self.policies.current.evaluate(event, now=event.timestamp)
             self._count_prediction(event, decision)
             if decision.selected:
-                self.submit(event, entry.image, decision)
+                image = entry.image  # copied out of the recall buffer only now, and only if selected
+                if image is None:
+                    self._child(self.metrics.dropped, "image_gone").inc()
+                else:
+                    self.submit(event, image, decision)
 
     # -- several workers: verdicts find the worker that remembers the prediction ---------------
 

@@ -32,7 +32,8 @@ UPLOAD_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 #: values are exported at 0 from the start: `increase()` cannot see a counter's first increment if
 #: its series only appears with it, and an alert on drops would miss the first one.
 DROP_REASONS = ("queue_full", "not_running", "shutdown", "bad_image", "prepare_error", "spool_full",
-                "spool_error")
+                "spool_error", "image_gone")
+#: ("image_gone": a silent event was selected after the recall buffer had reused its image's memory.)
 #: `edgecatch_upload_failures_total{reason}`: what went wrong, in a bounded set of values.
 UPLOAD_FAILURE_REASONS = ("no_answer", "http_5xx", "http_429", "http_401", "http_403", "http_4xx",
                           "bad_answer", "unexpected")

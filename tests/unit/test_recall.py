@@ -122,3 +122,43 @@ def test_entries_come_back_equal_and_are_left_alone_by_the_cyclic_gc():
     evicted.put("id-c", classified, b"jpeg")
     (gone,) = evicted.put("id-d", detected, b"jpeg")
     assert gone.observation == classified and gone.verdict is None
+
+
+def test_images_live_in_a_reused_ring_and_stay_intact_while_remembered():
+    """Encoded images are copied into a ring of max_bytes plus a margin: every remembered entry's
+    image comes back intact across many wraps; an evicted one keeps it only for the margin."""
+    import os
+
+    size = 1000
+    buffer = RecallBuffer(max_bytes=5 * (size + ENTRY_OVERHEAD_BYTES), clock=Clock())
+    images = {}
+    evicted = []
+    for n in range(200):  # ~40 times around the ring, with images of varying length
+        image = os.urandom(size - n % 7)
+        images[f"id-{n}"] = image
+        evicted += buffer.put(f"id-{n}", obs(n), image)
+        for key in list(buffer._entries):  # every remembered image is intact
+            entry, _ = buffer.give_verdict(key, "correct")
+            assert entry.image == images[key], (n, key)
+    assert 4 <= len(buffer) <= 5 and len(evicted) == 200 - len(buffer)
+    # The last evicted entry still has its image (the margin); one evicted long ago does not.
+    assert evicted[-1].image == images[evicted[-1].observation.inference_id]
+    assert evicted[0].image is None
+    assert buffer._ring.capacity <= 2 * buffer.max_bytes  # memory: max_bytes and a margin (1/8, >= 1 MB)
+
+
+def test_images_that_are_not_bytes_are_kept_as_they_are():
+    buffer = RecallBuffer(max_items=2, clock=Clock())
+    pixels = bytearray(b"raw")  # bytes-like: copied into the ring
+    buffer.put("a", obs(1), pixels)
+    pixels[:] = b"new"  # the caller's buffer changing later does not change what was remembered
+    assert buffer.give_verdict("id-1", "correct")[0] is None  # (keyed by the id given to put)
+    entry, _ = buffer.give_verdict("a", "correct")
+    assert entry.image == b"raw"
+
+    class Pixels:  # e.g. a decoded image: neither copied nor converted
+        nbytes = 12
+
+    picture = Pixels()
+    buffer.put("b", obs(2), picture)
+    assert buffer.give_verdict("b", "correct")[0].image is picture
