@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from typing import Callable
 
@@ -107,6 +108,10 @@ class Uploader:
             except asyncio.CancelledError:
                 raise
             except Exception:  # the disk (EMFILE, EACCES, ...) or a bug: keep the worker alive, say so
+                if not threading.main_thread().is_alive():
+                    # The program is exiting without having stopped delivery (the thread pool is
+                    # already shut down): what is spooled stays for the next start, quietly.
+                    return
                 log.exception("delivery worker %d failed; retrying in %.1f s", index, self.config.poll_seconds)
                 await asyncio.sleep(self.config.poll_seconds)
 

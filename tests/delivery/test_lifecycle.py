@@ -125,3 +125,39 @@ def test_spool_full_applies_the_overflow_rule_end_to_end(overflow, server, robof
     kept = sorted(image.params["inference_id"][0] for image in server.images_by_name().values())
     expected = range(3, 8) if overflow == "drop_oldest" else range(0, 5)
     assert kept == [f"w1-{i:016x}" for i in expected]
+
+
+EXIT_WITHOUT_STOP = r"""
+import sys, time
+from pathlib import Path
+from edgecatch.collector import configure
+from edgecatch.observation import Detection, Observation
+
+base = Path(sys.argv[1])
+(base / "e.yaml").write_text(
+    "policies: " + sys.argv[2] + "\n"
+    "delivery: {spool_dir: " + str(base / "spool") + ", sink: {type: directory, path: " + str(base / "ds") + "}}\n")
+collector = configure(base / "e.yaml")
+collector.start()
+collector.observe(Observation(model="m", detections=(Detection("person", 0.3, (1, 1, 5, 5)),),
+                              inference_id=collector.new_inference_id(), timestamp=time.time()), None)
+time.sleep(0.5)
+print("exiting without stop()")
+import atexit
+atexit.register(time.sleep, 2.5)  # a slow exit: runs after the thread pools are shut down
+"""
+
+
+def test_a_program_that_exits_without_stopping_delivery_exits_quietly(tmp_path):
+    """A script that starts edgecatch and ends without stop(): no tracebacks from delivery's workers
+    finding the interpreter's thread pool shut down (they used to log one per poll until exit)."""
+    import subprocess
+    import sys
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\npolicies: [{name: never, detections: {min: 1000}}]\n")
+    result = subprocess.run([sys.executable, "-c", EXIT_WITHOUT_STOP, str(tmp_path), str(policy)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "exiting without stop()" in result.stdout
+    assert "Traceback" not in result.stderr and "failed" not in result.stderr, result.stderr
