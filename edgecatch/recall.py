@@ -38,9 +38,9 @@ def image_nbytes(image: Any) -> int:
     """What keeping `image` alive costs: the encoded length, or the decoded pixel buffer."""
     if image is None:
         return 0
-    if isinstance(image, (bytes, bytearray, memoryview)):
+    if isinstance(image, (bytes, bytearray)):
         return len(image)
-    nbytes = getattr(image, "nbytes", None)  # numpy arrays
+    nbytes = getattr(image, "nbytes", None)  # memoryviews, numpy arrays
     if isinstance(nbytes, int):
         return nbytes
     size = getattr(image, "size", None)  # PIL images: width, height; bands per pixel
@@ -109,8 +109,11 @@ class _ImageRing:
         self._lock = threading.Lock()
 
     def store(self, data: bytes | bytearray | memoryview) -> int:
-        """Copy an image in; its absolute position (-1 if it is larger than the ring takes)."""
-        size = len(data)
+        """Copy an image in; its absolute position (-1: larger than the ring takes, or not flat bytes)."""
+        view = memoryview(data)
+        if view.ndim != 1 or view.itemsize != 1:  # e.g. a cast memoryview: keep the object as it is
+            return -1
+        size = view.nbytes
         if size > self.largest or size == 0:
             return -1
         with self._lock:
@@ -120,7 +123,7 @@ class _ImageRing:
             if offset + size > self.capacity:
                 self._written += self.capacity - offset
                 offset = 0
-            self._memory[offset:offset + size] = data
+            self._memory[offset:offset + size] = view
             position = self._written
             self._written += size
             return position
@@ -237,7 +240,7 @@ class RecallBuffer:
         if isinstance(image, (bytes, bytearray, memoryview)):
             slot = self._ring.store(image)
             if slot >= 0:
-                image = len(image)
+                image = memoryview(image).nbytes
         entry = tuple([image, slot, cost, now + self.max_age_seconds, None] + packed)
         with self._lock:
             old = self._entries.pop(inference_id, None)

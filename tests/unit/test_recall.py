@@ -162,3 +162,15 @@ def test_images_that_are_not_bytes_are_kept_as_they_are():
     picture = Pixels()
     buffer.put("b", obs(2), picture)
     assert buffer.give_verdict("b", "correct")[0].image is picture
+
+
+def test_a_memoryview_that_is_not_flat_bytes_is_kept_as_it_is():
+    import array
+
+    buffer = RecallBuffer(clock=Clock())
+    pixels = memoryview(array.array("H", [1, 2, 3]))  # 2-byte items: not copied into the ring
+    buffer.put("a", obs(1), pixels)
+    assert buffer.give_verdict("a", "correct")[0].image is pixels
+    flat = memoryview(b"0123456789")[2:6]
+    buffer.put("b", obs(2), flat)
+    assert buffer.give_verdict("b", "correct")[0].image == b"2345"
