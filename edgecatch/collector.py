@@ -260,31 +260,33 @@ class Collector:
                 classification=(Classification.from_scores(prediction.classification)
                                 if prediction.classification is not None else None),
                 inference_id=inference_id)
-            return FeedbackOutcome("accepted", self._feedback_event(base, image, verdict, note, corrected))
+            return FeedbackOutcome("accepted", self._feedback_event(base, lambda: image, verdict, note, corrected))
         if not first:
             return FeedbackOutcome("duplicate")
-        return FeedbackOutcome("accepted", self._feedback_event(entry.observation, entry.image, verdict, note, corrected))
+        decision = self._feedback_event(entry.observation, lambda: entry.image, verdict, note, corrected)
+        return FeedbackOutcome("accepted", decision)
 
-    def _feedback_event(self, base: Observation, image: Any, verdict: Verdict, note: str,
+    def _feedback_event(self, base: Observation, image_of: Callable[[], Any], verdict: Verdict, note: str,
                         corrected: tuple[Detection, ...] | Classification | None) -> Decision:
         event = replace(base, feedback=verdict, feedback_note=note, corrected=corrected, timestamp=self._clock())
+        return self._decide_event(event, image_of)
+
+    def _silent(self, entry: Recalled) -> None:
+        if entry.verdict is None:  # one for every prediction: the event is built straight from the entry
+            self._decide_event(entry.as_event(Verdict.SILENT, self._clock()), lambda: entry.image)
+
+    def _decide_event(self, event: Observation, image_of: Callable[[], Any]) -> Decision:
+        """Evaluate and count a feedback event; hand it off if selected. The image is fetched (copied
+        out of the recall buffer) only then; one that is gone by then is counted as dropped."""
         decision = self.policies.current.evaluate(event, now=event.timestamp)
         self._count_prediction(event, decision)
         if decision.selected:
-            self.submit(event, image, decision)
+            image = image_of()
+            if image is None:
+                self._child(self.metrics.dropped, "image_gone").inc()
+            else:
+                self.submit(event, image, decision)
         return decision
-
-    def _silent(self, entry: Recalled) -> None:
-        if entry.verdict is None:
-            event = entry.as_event(Verdict.SILENT, self._clock())  # one for every prediction: built directly
-            decision = self.policies.current.evaluate(event, now=event.timestamp)
-            self._count_prediction(event, decision)
-            if decision.selected:
-                image = entry.image  # copied out of the recall buffer only now, and only if selected
-                if image is None:
-                    self._child(self.metrics.dropped, "image_gone").inc()
-                else:
-                    self.submit(event, image, decision)
 
     # -- several workers: verdicts find the worker that remembers the prediction ---------------
 
