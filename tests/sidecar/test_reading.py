@@ -80,6 +80,19 @@ def test_http_batched_detection_one_item_per_image(binary):
     assert [d.class_name for d in second.detections] == ["face", "person"]
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_binary_images_are_read_where_they_arrived(count):
+    images = [jpeg(64, 48), jpeg(32, 24)][:count]
+    body, length = request_body(images)
+    _, inputs = http_tensors(body, length, "inputs")
+    elements = inputs["IMAGE"].byte_elements
+    assert all(isinstance(e, memoryview) and e.obj is body for e in elements)  # no copy per image
+    assert inputs["IMAGE"].flat == images  # as bytes where values are wanted
+    answer, answer_length = response_body({k: v[:count] for k, v in OUTPUTS.items()}, binary=True)
+    items = read_items(READING, ["person", "face"], inputs, http_tensors(answer, answer_length, "outputs")[1])
+    assert [bytes(item.image) for item in items] == images
+
+
 def test_box_formats_and_normalised_coordinates():
     reading = ModelReading.model_validate({
         "image": {"input": "IMAGE"},
@@ -205,6 +218,7 @@ def test_image_size_from_the_header_agrees_with_pillow(data):
     from edgecatch.integrations.triton.reading import _encoded_size
 
     assert _encoded_size(data) == _pillow_size(data)
+    assert _encoded_size(memoryview(b"head" + data)[4:]) == _pillow_size(data)  # in place in a message
 
 
 @pytest.mark.parametrize("data", [b"\xff\xd8\xff\xe0\x00", b"\x89PNG\r\n\x1a\n", b"\xff\xd8" + b"\x00" * 40])

@@ -100,7 +100,7 @@ class ReadItem:
     def __init__(self, detections, classification, image, width, height) -> None:
         self.detections: tuple[Detection, ...] = detections
         self.classification: Classification | None = classification
-        self.image: Any = image  # encoded bytes, or an HWC RGB uint8 array
+        self.image: Any = image  # encoded bytes (or a view of them), or an HWC RGB uint8 array
         self.width = width
         self.height = height
 
@@ -111,7 +111,7 @@ def _images(tensor: Tensor, spec: ImageInput) -> list[Any]:
         if tensor.datatype != "BYTES":
             raise TensorError("image", f"input {spec.input} is {tensor.datatype}, expected BYTES for encoded images")
         # [n] or [batch, 1]: one encoded image per element either way.
-        return [_image_bytes(v) for v in tensor.flat]
+        return [_image_bytes(v) for v in tensor.byte_elements]
     array = tensor.array
     if array.ndim == 3:
         items = [array]
@@ -136,9 +136,15 @@ def _images(tensor: Tensor, spec: ImageInput) -> list[Any]:
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 
 
-def _image_bytes(value: Any) -> bytes:
-    """Encoded image bytes; a pure-JSON request carries them as base64 text, which is decoded here."""
-    data = bytes(value) if not isinstance(value, bytes) else value
+def _image_bytes(value: Any) -> bytes | memoryview:
+    """Encoded image bytes (a view of the message where it was binary); a pure-JSON request carries
+    them as base64 text, which is decoded here."""
+    if isinstance(value, memoryview):
+        if bytes(value[:4]).startswith(_MAGIC):
+            return value
+        data = bytes(value)
+    else:
+        data = bytes(value) if not isinstance(value, bytes) else value
     if data.startswith(_MAGIC):
         return data
     import base64
@@ -151,12 +157,14 @@ def _image_bytes(value: Any) -> bytes:
     return decoded if decoded.startswith(_MAGIC) else data
 
 
-def _encoded_size(data: bytes) -> tuple[int, int]:
+def _encoded_size(data: bytes | memoryview) -> tuple[int, int]:
     """Width and height as the model saw the image (after EXIF rotation), from the header only.
 
     JPEG and PNG headers are read here (a few microseconds: this runs for every observed item);
     anything else, or a header this reader does not follow, goes to Pillow (tens of microseconds).
     """
+    if data[:2] != b"\xff\xd8":
+        data = bytes(data)  # a PNG's chunks are searched; rare enough to copy
     size = _jpeg_size(data) if data[:2] == b"\xff\xd8" else _png_size(data) if data[:4] == b"\x89PNG" else None
     if size is not None:
         return size
@@ -177,7 +185,7 @@ def _encoded_size(data: bytes) -> tuple[int, int]:
 _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header, swapped when EXIF says 90/270 degrees; None: unsure."""
     offset, end = 2, len(data)
     rotated = False
@@ -211,11 +219,12 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _exif_orientation(tiff: bytes) -> int | None:
+def _exif_orientation(tiff: bytes | memoryview) -> int | None:
     """The Orientation tag of IFD0 (1 when absent); None when the TIFF structure is not as expected."""
-    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+    mark = bytes(tiff[:2])
+    if len(tiff) < 8 or mark not in (b"II", b"MM"):
         return None
-    order = "little" if tiff[:2] == b"II" else "big"
+    order = "little" if mark == b"II" else "big"
     ifd = int.from_bytes(tiff[4:8], order)
     if ifd + 2 > len(tiff):
         return None
@@ -247,7 +256,7 @@ def read_items(
     if image_tensor is None:
         raise TensorError("image", f"input {reading.image.input} is not in the request")
     images = _images(image_tensor, reading.image)
-    sizes = [(_encoded_size(i) if isinstance(i, bytes) else (i.shape[1], i.shape[0])) for i in images]
+    sizes = [(_encoded_size(i) if isinstance(i, (bytes, memoryview)) else (i.shape[1], i.shape[0])) for i in images]
     count = len(images)
 
     def need(name: str) -> Tensor:

@@ -59,15 +59,17 @@ class Tensor:
     made on first use. Observation reads small detection outputs for every call, where a list made
     straight from the bytes costs a fraction of numpy arrays and numpy scalars."""
 
-    __slots__ = ("name", "datatype", "shape", "_raw", "_flat", "_array")
+    __slots__ = ("name", "datatype", "shape", "_raw", "_flat", "_array", "_views")
 
     def __init__(self, name: str, datatype: str, shape: tuple[int, ...], array: np.ndarray | None = None, *,
-                 raw: bytes | memoryview | None = None, flat: list | None = None) -> None:
+                 raw: bytes | memoryview | None = None, flat: list | None = None,
+                 views: list[memoryview] | None = None) -> None:
         self.name = name
         self.datatype = datatype
         self.shape = shape
         self._raw = raw  # little-endian values of a numeric tensor
         self._flat = flat  # BYTES elements, or values already listed
+        self._views = views  # BYTES elements of a binary tensor, as views of the received message
         self._array = array
 
     @property
@@ -77,8 +79,9 @@ class Tensor:
             if self._raw is not None:
                 self._array = np.frombuffer(self._raw, dtype=_NUMPY_DTYPES[self.datatype]).reshape(self.shape)
             else:
-                array = np.empty(len(self._flat), dtype=object)
-                array[:] = self._flat
+                flat = self.flat
+                array = np.empty(len(flat), dtype=object)
+                array[:] = flat
                 self._array = array.reshape(self.shape)
         return self._array
 
@@ -86,21 +89,29 @@ class Tensor:
     def flat(self) -> list:
         """Every value in row-major order, as Python objects (float, int, bool, bytes)."""
         if self._flat is None:
-            if self._raw is not None and _LITTLE_ENDIAN:
+            if self._views is not None:
+                self._flat = [bytes(view) for view in self._views]
+            elif self._raw is not None and _LITTLE_ENDIAN:
                 self._flat = memoryview(self._raw).cast(_CAST[self.datatype]).tolist()
             else:
                 self._flat = self.array.reshape(-1).tolist()
         return self._flat
 
+    @property
+    def byte_elements(self) -> list[bytes] | list[memoryview]:
+        """A BYTES tensor's elements without copying them out of the message where it was binary
+        (an encoded image is read, and copied once into the recall buffer, from the message itself)."""
+        return self._views if self._views is not None else self.flat
+
     def __repr__(self) -> str:
         return f"Tensor({self.name!r}, {self.datatype}, {list(self.shape)})"
 
 
-def _bytes_elements(raw: bytes | memoryview, count: int | None) -> list[bytes]:
-    if count == 1 and len(raw) >= 4 and int.from_bytes(raw[:4], "little") == len(raw) - 4:
-        return [bytes(raw[4:])]  # one element (one image per request): the common case
-    out = []
+def _bytes_elements(raw: bytes | memoryview, count: int | None) -> list[memoryview]:
     view = memoryview(raw)
+    if count == 1 and len(view) >= 4 and int.from_bytes(view[:4], "little") == len(view) - 4:
+        return [view[4:]]  # one element (one image per request): the common case
+    out = []
     offset, end = 0, len(view)
     while offset < end:
         if offset + 4 > end:
@@ -109,7 +120,7 @@ def _bytes_elements(raw: bytes | memoryview, count: int | None) -> list[bytes]:
         offset += 4
         if offset + length > end:
             raise TensorError("tensor", "truncated BYTES element")
-        out.append(bytes(view[offset:offset + length]))
+        out.append(view[offset:offset + length])
         offset += length
     if count is not None and len(out) != count:
         raise TensorError("tensor", f"BYTES tensor has {len(out)} elements, shape says {count}")
@@ -119,7 +130,7 @@ def _bytes_elements(raw: bytes | memoryview, count: int | None) -> list[bytes]:
 def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview) -> Tensor:
     count = math.prod(shape)
     if datatype == "BYTES":
-        return Tensor(name, datatype, shape, flat=_bytes_elements(raw, count))
+        return Tensor(name, datatype, shape, views=_bytes_elements(raw, count))
     dtype = _NUMPY_DTYPES.get(datatype)
     if dtype is None:
         raise TensorError("datatype", f"datatype {datatype} is not read by edgecatch")
