@@ -13,17 +13,23 @@ multipart, BentoML), the API's thread ("api": the API and edgecatch's request pa
 
 A variant is NAME=YAML (the config's lines, `;` between lines; `policies:` and `delivery:` are
 added: the default policy unless --policy NAME=PATH, and a directory sink in a temporary folder).
+
+--gc adds the worker's garbage collections per generation: collections per second and the CPU they
+took per request (recorded by a `sitecustomize` put on the worker's PYTHONPATH: gc.callbacks and
+thread CPU time; its writer thread adds a few µs to "rest").
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,6 +62,42 @@ def thread_ticks(pid: int) -> dict[int, int]:
     return ticks
 
 
+GC_RECORDER = """
+import gc, os, threading, time
+
+_totals = {0: [0, 0.0], 1: [0, 0.0], 2: [0, 0.0]}
+_started = [0.0]
+
+
+def _record(phase, info):
+    if phase == "start":
+        _started[0] = time.thread_time()
+    else:
+        total = _totals[info["generation"]]
+        total[0] += 1
+        total[1] += time.thread_time() - _started[0]
+
+
+def _write():
+    while True:
+        time.sleep(0.2)
+        path = os.path.join(DIRECTORY, f"gc-{os.getpid()}.txt")
+        with open(path + ".tmp", "w") as out:
+            out.write(repr({g: tuple(t) for g, t in _totals.items()}))
+        os.replace(path + ".tmp", path)  # read whole or not at all
+
+
+gc.callbacks.append(_record)
+threading.Thread(target=_write, daemon=True).start()
+"""
+
+
+def gc_totals(directory: Path, pid: int) -> dict[int, tuple[int, float]]:
+    """The worker's (collections, seconds) per generation so far, as its recorder last wrote them."""
+    time.sleep(0.5)  # a fresh write
+    return ast.literal_eval((directory / f"gc-{pid}.txt").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="+", help="NAME=YAML (config lines separated by ';')")
@@ -65,6 +107,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--gc", action="store_true", help="also the worker's garbage collections per request")
     args = parser.parse_args()
 
     policies = dict(item.split("=", 1) for item in args.policy)
@@ -76,6 +119,10 @@ def main() -> None:
     script.write_text(LUA.format(body=body))
     servers, worktrees = {}, []
     ticks_per_second = os.sysconf("SC_CLK_TCK")
+    gc_site = work / "gc-site"
+    if args.gc:
+        gc_site.mkdir()
+        (gc_site / "sitecustomize.py").write_text(GC_RECORDER.replace("DIRECTORY", repr(str(gc_site))))
     try:
         for variant in args.variants:
             name, yaml_lines = variant.split("=", 1)
@@ -93,17 +140,20 @@ def main() -> None:
                                 revisions[name]], check=True)
                 worktrees.append(code)
                 env = {"PYTHONPATH": str(code)}
+            if args.gc:
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(gc_site), env.get("PYTHONPATH")]))
             harness.REPO = code  # start_bento serves from this directory
             servers[name] = harness.start_bento("bento_service.trivial_service:TrivialDetectionService",
                                                 directory, config, policy, env=env, workers=1)
         harness.REPO = REPO
-        results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in servers}
+        results: dict[str, list[tuple[float, ...]]] = {name: [] for name in servers}
         for _ in range(args.rounds):
             for name, server in servers.items():
                 worker = process_tree(server.process.pid)[-1]
                 url = f"{server.url}/detect"
                 wrk = ["wrk", "-t1", f"-c{args.concurrency}", "-s", str(script), url]
                 subprocess.run(wrk[:3] + ["-d1s"] + wrk[3:], capture_output=True, check=True)  # warm-up
+                gc_before = gc_totals(gc_site, worker) if args.gc else None
                 before = thread_ticks(worker)
                 out = subprocess.run(wrk[:3] + [f"-d{args.seconds}s"] + wrk[3:], capture_output=True, text=True,
                                      check=True).stdout
@@ -115,14 +165,25 @@ def main() -> None:
                 others = sorted(per_request.values(), reverse=True)
                 api = others[0] if others else 0.0
                 rest = sum(others[1:])
-                results[name].append((requests / args.seconds, loop, api, rest))
+                row = (requests / args.seconds, loop, api, rest)
+                if gc_before is not None:
+                    gc_after = gc_totals(gc_site, worker)
+                    for generation in (0, 1, 2):
+                        collections = gc_after[generation][0] - gc_before[generation][0]
+                        seconds = gc_after[generation][1] - gc_before[generation][1]
+                        row += (collections / args.seconds, seconds / requests * 1e6)
+                results[name].append(row)
         print(f"{args.rounds} alternating rounds of {args.seconds} s, wrk concurrency {args.concurrency}; "
               "worker CPU µs per request")
-        print(f"{'variant':12} {'req/s':>7} {'loop':>7} {'api':>6} {'rest':>5} {'total':>7}   totals per round")
+        gc_header = "".join(f"  gc{g}/s    µs" for g in (0, 1, 2)) if args.gc else ""
+        print(f"{'variant':12} {'req/s':>7} {'loop':>7} {'api':>6} {'rest':>5} {'total':>7}{gc_header}   "
+              "totals per round")
         for name, rounds in results.items():
-            rps, loop, api, rest = (statistics.median(r[i] for r in rounds) for i in range(4))
+            rps, loop, api, rest, *gc = (statistics.median(r[i] for r in rounds) for i in range(len(rounds[0])))
             totals = [round(r[1] + r[2] + r[3]) for r in rounds]
-            print(f"{name:12} {rps:7.0f} {loop:7.0f} {api:6.0f} {rest:5.0f} {statistics.median(totals):7.0f}   {totals}")
+            gc_columns = "".join(f" {gc[2 * g]:6.2f} {gc[2 * g + 1]:5.0f}" for g in (0, 1, 2)) if gc else ""
+            print(f"{name:12} {rps:7.0f} {loop:7.0f} {api:6.0f} {rest:5.0f} {statistics.median(totals):7.0f}{gc_columns}   "
+                  f"{totals}")
     finally:
         harness.REPO = REPO
         for server in servers.values():
