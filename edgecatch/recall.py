@@ -98,7 +98,9 @@ class _ImageRing:
     against ~10 µs for this copy. Images are written at increasing absolute positions (an image
     that does not fit before the end starts over at offset 0); the one at position p is intact
     while nothing has been written past p + capacity. The memory is reserved at the first image and
-    touched as it fills: at most `capacity` bytes of RSS.
+    touched as it fills: at most `capacity` bytes of RSS. It is private anonymous memory: a process
+    forked later gets its own copy-on-write view instead of writing into this process's images
+    (Python's default for `mmap(-1, ...)` is a shared mapping).
     """
 
     def __init__(self, capacity: int, largest: int) -> None:
@@ -118,7 +120,7 @@ class _ImageRing:
             return -1
         with self._lock:
             if self._memory is None:
-                self._memory = mmap.mmap(-1, self.capacity)
+                self._memory = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             offset = self._written % self.capacity
             if offset + size > self.capacity:
                 self._written += self.capacity - offset

@@ -147,6 +147,28 @@ def test_images_live_in_a_reused_ring_and_stay_intact_while_remembered():
     assert buffer._ring.capacity <= 2 * buffer.max_bytes  # memory: max_bytes and a margin (1/8, >= 1 MB)
 
 
+def test_a_forked_process_does_not_write_into_the_parents_images():
+    """The ring is private memory: a child forked after images were remembered (a server forking
+    its workers, a user's subprocess) fills its own copy, and the parent's images stay intact."""
+    import os
+
+    size = 1000
+    buffer = RecallBuffer(max_bytes=5 * (size + ENTRY_OVERHEAD_BYTES), clock=Clock())
+    image = os.urandom(size)
+    buffer.put("parent", obs(1), image)
+    pid = os.fork()
+    if pid == 0:  # the child: go around the ring several times, then leave without cleanup
+        try:
+            for n in range(50):
+                buffer.put(f"child-{n}", obs(n), bytes([n % 256]) * size)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    entry, _ = buffer.give_verdict("parent", "correct")
+    assert entry.image == image
+
+
 def test_images_that_are_not_bytes_are_kept_as_they_are():
     buffer = RecallBuffer(max_items=2, clock=Clock())
     pixels = bytearray(b"raw")  # bytes-like: copied into the ring
