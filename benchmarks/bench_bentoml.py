@@ -1,11 +1,13 @@
 """edgecatch's cost inside a BentoML service: the same service with edgecatch enabled vs disabled.
 
 Two services — the example detector, and a trivial one that returns fixed detections (where
-edgecatch's own cost is all that shows) — each started twice with `bentoml serve` (edgecatch
-`enabled: true` with the default policy, and `enabled: false`), loaded with `wrk` (C, its own
-threads: the load generator is not the bottleneck) posting a 640×480 JPEG as multipart, at
-concurrency 1 and 8. Enabled and disabled alternate in several short rounds so that machine noise
-hits both alike; the table reports the median round. The service's CPU time per request (all its
+edgecatch's own cost is all that shows) — each started with `bentoml serve` as edgecatch
+`enabled: true` with the default policy and as `enabled: false`, --processes times each (2: two
+processes of the same service differ by a few percent, as much as the effect measured), loaded with
+`wrk` (C, its own threads: the load generator is not the bottleneck) posting a 640×480 JPEG as
+multipart, at concurrency 1 and 8. All processes take turns in several short rounds so that machine
+noise hits both sides alike; a round's figure for a side is the mean of its processes, and the
+table reports the median round. The service's CPU time per request (all its
 processes, from /proc) is reported too: unlike throughput, it hardly moves when other work shares
 the machine.
 
@@ -18,7 +20,7 @@ fsynced spool entry and delivery (measure that phase with --no-spend-budget). Th
 (10 requests/s) is measured from a fresh start, i.e. while its policy still selects.
 
     apt-get install -y wrk
-    .venv/bin/python benchmarks/bench_bentoml.py [--seconds 8] [--rounds 3]
+    .venv/bin/python benchmarks/bench_bentoml.py [--seconds 8] [--rounds 3] [--processes 2]
 """
 
 from __future__ import annotations
@@ -109,26 +111,33 @@ def run_wrk(url: str, script: Path, concurrency: int, seconds: float, pid: int |
     return result
 
 
-def spend_budget(server, twin, script: Path, budget: int, spool: Path) -> None:
-    """Send traffic until the default policy's hourly sample budget is spent and delivery has stored
-    those samples: what follows is the steady state of a busy hour (every prediction still observed,
-    evaluated, counted and remembered for feedback; the budget selects no more). The twin (edgecatch
-    disabled) gets the same traffic in between, so that both processes have the same history."""
+def spend_budget(enabled: list, disabled: list, script: Path, budget: int) -> None:
+    """Send traffic until the default policy's hourly sample budget is spent in every enabled process
+    and delivery has stored those samples: what follows is the steady state of a busy hour (every
+    prediction still observed, evaluated, counted and remembered for feedback; the budget selects no
+    more). The disabled processes get the same traffic in between, so that all have the same history."""
     began = time.monotonic()
-    while server.metric("edgecatch_samples_total") < budget and time.monotonic() - began < 600:
-        run_wrk(server.url, script, 8, 3)
-        run_wrk(twin.url, script, 8, 3)
+    while (any(server.metric("edgecatch_samples_total") < budget for server in enabled)
+           and time.monotonic() - began < 900):
+        for server in enabled + disabled:
+            run_wrk(server.url, script, 8, 3)
     deadline = time.monotonic() + 120
-    while any((spool / "ready").glob("*")) and time.monotonic() < deadline:
+    spools = [server.workdir / "spool" / "ready" for server in enabled]
+    while any(any(spool.glob("*")) for spool in spools) and time.monotonic() < deadline:
         time.sleep(0.5)
-    print(f"# warm-up {time.monotonic() - began:.0f} s: {server.metric('edgecatch_samples_total'):.0f} samples "
-          f"selected (hourly budget {budget}), spool empty: {not any((spool / 'ready').glob('*'))}", flush=True)
+    selected = ", ".join(f"{server.metric('edgecatch_samples_total'):.0f}" for server in enabled)
+    print(f"# warm-up {time.monotonic() - began:.0f} s: samples selected per enabled process {selected} "
+          f"(hourly budget {budget}), spools empty: {not any(any(spool.glob('*')) for spool in spools)}",
+          flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=2,
+                        help="services started per side: two processes of the same service differ by a "
+                             "few percent, as much as the effect measured; each round's figure is their mean")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--services", nargs="+", default=["detector", "trivial"], choices=["detector", "trivial"])
     parser.add_argument("--no-spend-budget", dest="spend_budget", action="store_false",
@@ -152,29 +161,36 @@ def main() -> None:
     print(f"{os.cpu_count()} cores; {args.rounds} alternating rounds of {args.seconds:g}s per cell; wrk load")
     print(f"{'service':18} {'conc':>4} {'edgecatch':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}")
     for label, target in services.items():
-        servers = {}
-        for enabled in (True, False):
-            directory = work / f"{target.split(':')[1]}-{'on' if enabled else 'off'}"
-            directory.mkdir()
-            config = directory / "edgecatch.yaml"
-            config.write_text(
-                f"enabled: {'true' if enabled else 'false'}\n"
-                f"policies: {REPO / 'policies' / 'default.yaml'}\n"
-                f"delivery: {{spool_dir: {directory / 'spool'}, sink: {{type: directory, path: {directory / 'ds'}}}}}\n")
-            servers[enabled] = start_bento(target, directory, config, REPO / "policies" / "default.yaml", env={},
-                                           workers=1)
+        servers: dict[bool, list] = {True: [], False: []}
         try:
+            for number in range(args.processes):
+                for enabled in (True, False):
+                    directory = work / f"{target.split(':')[1]}-{'on' if enabled else 'off'}-{number}"
+                    directory.mkdir()
+                    config = directory / "edgecatch.yaml"
+                    config.write_text(
+                        f"enabled: {'true' if enabled else 'false'}\n"
+                        f"policies: {REPO / 'policies' / 'default.yaml'}\n"
+                        f"delivery: {{spool_dir: {directory / 'spool'}, "
+                        f"sink: {{type: directory, path: {directory / 'ds'}}}}}\n")
+                    servers[enabled].append(start_bento(target, directory, config, REPO / "policies" / "default.yaml",
+                                                        env={}, workers=1))
             if args.spend_budget and label == "trivial service":
                 budget = int(yaml.safe_load((REPO / "policies" / "default.yaml").read_text())["limits"]["per_hour"])
-                spend_budget(servers[True], servers[False], script, budget,
-                             work / f"{target.split(':')[1]}-on" / "spool")
+                spend_budget(servers[True], servers[False], script, budget)
             for concurrency in args.concurrency:
                 results: dict[bool, list[dict[str, float]]] = {True: [], False: []}
                 for _ in range(args.rounds):
-                    for enabled in (True, False):
-                        run_wrk(servers[enabled].url, script, concurrency, 1)  # warm-up
-                        results[enabled].append(run_wrk(servers[enabled].url, script, concurrency, args.seconds,
-                                                        servers[enabled].process.pid))
+                    measured: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+                    for number in range(args.processes):
+                        for enabled in (True, False):
+                            server = servers[enabled][number]
+                            run_wrk(server.url, script, concurrency, 1)  # warm-up
+                            measured[enabled].append(run_wrk(server.url, script, concurrency, args.seconds,
+                                                             server.process.pid))
+                    for enabled, per_process in measured.items():  # the round's figure: the processes' mean
+                        results[enabled].append({key: (sum if key == "errors" else statistics.fmean)(
+                            r[key] for r in per_process) for key in per_process[0]})
                 rows = {}
                 for enabled in (True, False):
                     rounds = results[enabled]
@@ -190,7 +206,7 @@ def main() -> None:
                       f"{on['p50'] - off['p50']:+8.2f} {on['p99'] - off['p99']:+8.2f} "
                       f"{on['cpu_ms'] - off['cpu_ms']:+10.3f}")
         finally:
-            for server in servers.values():
+            for server in servers[True] + servers[False]:
                 stop_bento(server)
     time.sleep(0.1)
 
