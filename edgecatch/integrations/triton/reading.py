@@ -139,12 +139,9 @@ _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM
 def _image_bytes(value: Any) -> bytes | memoryview:
     """Encoded image bytes (a view of the message where it was binary); a pure-JSON request carries
     them as base64 text, which is decoded here."""
-    if isinstance(value, memoryview):
-        if bytes(value[:4]).startswith(_MAGIC):
-            return value
-        data = bytes(value)
-    else:
-        data = bytes(value) if not isinstance(value, bytes) else value
+    if isinstance(value, memoryview) and bytes(value[:4]).startswith(_MAGIC):
+        return value
+    data = value if isinstance(value, bytes) else bytes(value)
     if data.startswith(_MAGIC):
         return data
     import base64
