@@ -5,7 +5,9 @@ default policy, a directory sink in a temporary folder) on free ports, then for 
 (`trivial_detector`: fixed detections, the worst case for a proxy; `people_detector`: the real
 OpenCV detector), protocol (HTTP with binary tensors, gRPC with raw contents) and concurrency (1, 16)
 measures direct and sidecar in alternating slices (ABAB..., --repeat of each, pooled): requests/s,
-p50/p99 latency, and the sidecar's CPU time per request (utime+stime from /proc/<pid>/stat).
+p50/p99 latency, the sidecar's CPU time per request (utime+stime from /proc/<pid>/stat), and on each
+side Triton's CPU time per request and how many of the machine's cores were busy (/proc/stat): a
+sidecar also costs what Triton does differently behind it.
 
 Before measuring, trivial_detector traffic goes through the sidecar until the default policy's
 hourly budget (300 samples) is spent, and delivery has stored those samples (--no-spend-budget
@@ -338,7 +340,8 @@ def main() -> int:
                     # Direct and sidecar alternate in slices (--repeat of them each), and each side's
                     # slices are pooled: both see the same background load on these shared cores.
                     pooled = {t: {"latencies": [], "errors": 0, "seconds": 0.0, "cpu": 0.0, "requests": 0,
-                                  "load": 0.0, "other": 0.0, "wall": 0.0} for t in ("direct", "sidecar")}
+                                  "load": 0.0, "other": 0.0, "wall": 0.0, "triton": 0.0, "busy": 0.0}
+                              for t in ("direct", "sidecar")}
                     for _ in range(args.repeat):
                         for target in ("direct", "sidecar"):
                             if protocol == "http":
@@ -346,7 +349,7 @@ def main() -> int:
                             else:
                                 port = triton.grpc_port if target == "direct" else sidecar.grpc_port
                             busy0, ours0, side0 = machine_busy_seconds(), cpu_seconds(ours), cpu_seconds([sidecar.pid])
-                            load0 = cpu_seconds(load.pids())
+                            load0, triton0 = cpu_seconds(load.pids()), cpu_seconds(triton_pids)
                             wall0 = time.monotonic()
                             latencies, errors = load.run(protocol, port, message, concurrency, args.warmup, seconds)
                             wall = time.monotonic() - wall0
@@ -358,16 +361,24 @@ def main() -> int:
                             p["requests"] += len(latencies) * (seconds + args.warmup) / seconds
                             p["cpu"] += cpu_seconds([sidecar.pid]) - side0 - idle_rate * wall
                             p["load"] += cpu_seconds(load.pids()) - load0
-                            p["other"] += (machine_busy_seconds() - busy0) - (cpu_seconds(ours) - ours0)
+                            p["triton"] += cpu_seconds(triton_pids) - triton0
+                            busy = machine_busy_seconds() - busy0
+                            p["busy"] += busy
+                            p["other"] += busy - (cpu_seconds(ours) - ours0)
                             p["wall"] += wall
                     d, s = ({"rps": len(p["latencies"]) / p["seconds"], "p50": percentile(p["latencies"], 0.5) * 1e3,
                              "p99": percentile(p["latencies"], 0.99) * 1e3} for p in (pooled["direct"], pooled["sidecar"]))
                     cpu = max(0.0, pooled["sidecar"]["cpu"]) / max(1.0, pooled["sidecar"]["requests"]) * 1e6
+                    # Triton's CPU per request and how busy the machine was, on each side: what the
+                    # sidecar costs beyond its own CPU (Triton idles while requests wait in the sidecar).
+                    triton_cpu = tuple(p["triton"] / max(1.0, p["requests"]) * 1e6 for p in pooled.values())
+                    busy_cores = tuple(p["busy"] / max(1e-9, p["wall"]) for p in pooled.values())
                     errors = pooled["direct"]["errors"] + pooled["sidecar"]["errors"]
                     wall = pooled["direct"]["wall"] + pooled["sidecar"]["wall"]
                     load_cores = (pooled["direct"]["load"] + pooled["sidecar"]["load"]) / wall
                     other_cores = max(0.0, (pooled["direct"]["other"] + pooled["sidecar"]["other"]) / wall)
-                    row = (model, protocol, concurrency, d, s, cpu, errors, load_cores, other_cores)
+                    row = (model, protocol, concurrency, d, s, cpu, triton_cpu, busy_cores, errors, load_cores,
+                           other_cores)
                     rows.append(row)
                     print(format_row(row), flush=True)
     finally:
@@ -381,15 +392,17 @@ def main() -> int:
 
 
 HEADER = ("| model | protocol | conc. | direct req/s | sidecar req/s | ratio | direct p50 / p99 ms | "
-          "sidecar p50 / p99 ms | added p50 ms | sidecar CPU µs/req | errors | load gen cores | other cores |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "sidecar p50 / p99 ms | added p50 ms | sidecar CPU µs/req | Triton CPU µs/req direct / sidecar | "
+          "busy cores direct / sidecar | errors | load gen cores | other cores |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(row) -> str:
-    model, protocol, concurrency, d, s, cpu, errors, load_cores, other = row
+    model, protocol, concurrency, d, s, cpu, triton_cpu, busy_cores, errors, load_cores, other = row
     return (f"| {model} | {protocol} | {concurrency} | {d['rps']:.0f} | {s['rps']:.0f} | "
             f"{s['rps'] / d['rps'] * 100:.0f}% | {d['p50']:.2f} / {d['p99']:.2f} | {s['p50']:.2f} / {s['p99']:.2f} | "
-            f"{s['p50'] - d['p50']:+.2f} | {cpu:.0f} | {errors} | {load_cores:.2f} | {other:.2f} |")
+            f"{s['p50'] - d['p50']:+.2f} | {cpu:.0f} | {triton_cpu[0]:.0f} / {triton_cpu[1]:.0f} | "
+            f"{busy_cores[0]:.2f} / {busy_cores[1]:.2f} | {errors} | {load_cores:.2f} | {other:.2f} |")
 
 
 def table(rows) -> str:
