@@ -755,6 +755,38 @@ def test_metrics_and_health(triton, sidecar):
     assert request(sidecar.http, "GET", "/edgecatch/nothing").status == 404
 
 
+def test_predictions_leaving_the_recall_buffer_unanswered_become_silent_samples(triton, tmp_path, images):
+    """A sidecar that remembers one prediction: each new one pushes the previous out, unanswered,
+    and its `silent` event (evaluated on the sidecar's loop after a batch of observations) selects
+    it with its image and pre-labels; an answered prediction gets no silent event."""
+    policies = tmp_path / "policies.yaml"
+    policies.write_text("version: 1\npolicies:\n  - name: nobody-complained\n    feedback: silent\n"
+                        "    tags: [implicit-affirmation]\n")
+    dataset = tmp_path / "dataset"
+    process = SidecarProcess(tmp_path, triton, policies=policies, sink={"type": "directory", "path": str(dataset)},
+                             extra={"recall": {"max_items": 1}})
+    process.start()
+    try:
+        body, headers = binary_infer_body(images[:1])
+        def infer() -> Answer:
+            return request(process.http, "POST", f"/v2/models/{TRIVIAL}/infer", body, headers)
+
+        answers = [infer(), infer()]  # the second pushes the first out
+        assert _feedback(process.http, answers[1].inference_id, "correct").status == 202
+        answers.append(infer())  # pushes the answered second out
+        infer()  # pushes the third out
+        silent = wait_for_samples(dataset, [answers[0].inference_id, answers[2].inference_id], feedback="silent")
+        time.sleep(0.5)  # long enough for a wrong silent event of the answered one to arrive too
+        assert (answers[1].inference_id, "silent") not in manifest(dataset)
+    finally:
+        process.stop()
+    outputs = http_outputs(answers[0])
+    for entry in silent:
+        assert entry["policy"] == "nobody-complained" and "implicit-affirmation" in entry["tags"]
+        assert_prelabels(entry, outputs, 0, dataset)
+    assert "Traceback" not in process.log_tail(200_000), process.log_tail()
+
+
 # -- the Upload API sink (Roboflow's contract), with its own sidecar -------------------------------------
 
 def test_selected_predictions_reach_the_upload_api_with_their_prelabels(triton, tmp_path, images):

@@ -165,6 +165,21 @@ def test_predictions_leaving_the_buffer_unanswered_become_silent_events(make_col
     assert len([s for s in collector.delivery.samples if s[0].feedback is Verdict.SILENT]) == 1
 
 
+def test_silent_events_wait_for_whoever_evaluates_them_first(make_collector, monkeypatch):
+    monkeypatch.setattr("edgecatch.collector._FLUSH_SECONDS", 3600.0)  # keep the background loop out of it
+    collector = make_collector(max_items=1)
+    collector.start()
+    first, second = prediction(collector, 0.9), prediction(collector, 0.9)
+    collector.observe(first, b"1")
+    collector.observe(second, b"2")  # pushes `first` out: its silent event is left for later
+    assert not [s for s in collector.delivery.samples if s[0].feedback is Verdict.SILENT]
+    collector.evaluate_silent_events()  # e.g. the sidecar's loop, after a batch of observations
+    silent = [s for s in collector.delivery.samples if s[0].feedback is Verdict.SILENT]
+    assert [(s[0].inference_id, s[1], s[2].policy) for s in silent] == [(first.inference_id, b"1", "silent")]
+    collector.evaluate_silent_events()  # nothing left: nothing twice
+    assert len([s for s in collector.delivery.samples if s[0].feedback is Verdict.SILENT]) == 1
+
+
 def test_aged_predictions_become_silent_in_the_background(make_collector):
     collector = make_collector(max_age_seconds=0.2)
     collector.start()

