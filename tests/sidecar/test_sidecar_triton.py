@@ -768,6 +768,7 @@ def test_predictions_leaving_the_recall_buffer_unanswered_become_silent_samples(
     process.start()
     try:
         body, headers = binary_infer_body(images[:1])
+
         def infer() -> Answer:
             return request(process.http, "POST", f"/v2/models/{TRIVIAL}/infer", body, headers)
 
