@@ -33,8 +33,8 @@ def message(body: bytes, compressed: bool = False) -> bytes:
     return bytes((1 if compressed else 0,)) + struct.pack(">I", len(body)) + body
 
 
-def infer_request(model: str) -> bytes:
-    request = service_pb2.ModelInferRequest(model_name=model)
+def infer_request(model: str, request_id: str = "") -> bytes:
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     request.inputs.add(name="IMAGE", datatype="BYTES", shape=[1, 1])
     request.raw_input_contents.append(b"\x03\x00\x00\x00abc")
     return request.SerializeToString()
@@ -165,10 +165,10 @@ def test_stream_gets_one_id_in_its_headers_and_pairs_responses_with_requests():
         relay = Relay({"seen"})
         client_enc, triton_enc = hpack.Encoder(), hpack.Encoder()
         block = client_enc.encode([(":method", "POST"), (":path", MODEL_STREAM_INFER.decode())])
-        requests = b"".join(message(infer_request(m)) for m in ("seen", "other", "seen"))
+        models = ("seen", "other", "seen")
+        requests = b"".join(message(infer_request(m)) for m in models)
         relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block) + frame(DATA, 0, 1, requests), 5)
-        responses = [service_pb2.ModelStreamInferResponse(
-            infer_response=service_pb2.ModelInferResponse(model_name=str(n))).SerializeToString() for n in range(3)]
+        responses = [stream_response(m, output=str(n)) for n, m in enumerate(models)]
         head = triton_enc.encode([(":status", "200"), ("content-type", "application/grpc")])
         answer = frame(HEADERS, END_HEADERS, 1, head) + b"".join(frame(DATA, 0, 1, message(r)) for r in responses)
         relay.triton_sends(answer, 3)
@@ -208,15 +208,78 @@ def test_garbage_request_message_is_counted_and_not_observed():
     asyncio.run(run())
 
 
-def test_a_stream_without_answers_holds_a_bounded_number_of_requests():
+def stream_response(model: str, request_id: str = "", output: str = "0") -> bytes:
+    response = service_pb2.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    response.outputs.add(name=output, datatype="FP32", shape=[1])
+    return service_pb2.ModelStreamInferResponse(infer_response=response).SerializeToString()
+
+
+def open_stream(relay: Relay) -> tuple[hpack.Encoder, str]:
+    """Stream 1 of a new connection, opened by the client and answered with headers by Triton: its id."""
+    block = hpack.Encoder().encode([(":method", "POST"), (":path", MODEL_STREAM_INFER.decode())])
+    relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block), 1000)
+    triton_enc = hpack.Encoder()
+    relay.triton_sends(frame(HEADERS, END_HEADERS, 1, triton_enc.encode([(":status", "200")])), 1000)
+    (first,) = frames(relay.down.transport.data)
+    return triton_enc, dict(hpack.Decoder().decode(first[3]))["x-edgecatch-inference-id"]
+
+
+def test_a_burst_of_stream_requests_keeps_a_bounded_number_and_the_pairing():
     async def run():
         relay = Relay({"seen"})
-        block = hpack.Encoder().encode([(":method", "POST"), (":path", MODEL_STREAM_INFER.decode())])
-        relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block), 1000)
-        for _ in range(100):
-            relay.client_sends(frame(DATA, 0, 1, message(infer_request("seen"))), 1000)
+        _, stream_id = open_stream(relay)
+        for n in range(100):  # a burst: none answered yet
+            relay.client_sends(frame(DATA, 0, 1, message(infer_request("seen", f"r{n}"))), 1000)
         (stream,) = relay.down.streams.values()
-        assert len(stream.requests.done) == 64
+        assert stream.kept == 64 and sum(1 for *_, kept in stream.awaited if kept is not None) == 64
         assert relay.unparsed == ["grpc_stream_unanswered"] * 36
+        for n in range(100):
+            relay.triton_sends(frame(DATA, 0, 1, message(stream_response("seen", f"r{n}"))), 1000)
+        # the first 64 are observed with their own requests; the rest are relayed only
+        assert [e.inference_id for e in relay.exchanges] == [f"{stream_id}.{n}" for n in range(64)]
+        assert all(service_pb2.ModelInferRequest.FromString(e.request).id ==
+                   service_pb2.ModelStreamInferResponse.FromString(e.response).infer_response.id
+                   for e in relay.exchanges)
+        # after the burst, requests are kept again, and numbered by their place in the stream
+        relay.client_sends(frame(DATA, 0, 1, message(infer_request("seen", "r100"))), 1000)
+        relay.triton_sends(frame(DATA, 0, 1, message(stream_response("seen", "r100"))), 1000)
+        assert relay.exchanges[-1].inference_id == f"{stream_id}.100" and stream.kept == 0
+
+    asyncio.run(run())
+
+
+def test_an_error_answer_takes_its_request_place_in_the_stream():
+    async def run():
+        relay = Relay({"seen"})
+        _, stream_id = open_stream(relay)
+        relay.client_sends(b"".join(frame(DATA, 0, 1, message(infer_request(m))) for m in ("nope", "seen")), 1000)
+        refused = service_pb2.ModelStreamInferResponse(error_message="unknown model").SerializeToString()
+        relay.triton_sends(frame(DATA, 0, 1, message(refused)) +
+                           frame(DATA, 0, 1, message(stream_response("seen"))), 1000)
+        assert [e.inference_id for e in relay.exchanges] == [f"{stream_id}.1"]
+        assert relay.unparsed == []
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("answer", ["another model", "another id", "more answers than requests"])
+def test_answers_that_do_not_pair_end_the_streams_observation(answer):
+    async def run():
+        relay = Relay({"seen", "other"})
+        open_stream(relay)
+        relay.client_sends(frame(DATA, 0, 1, message(infer_request("seen", "a"))), 1000)
+        wrong = {"another model": stream_response("other", "a"), "another id": stream_response("seen", "b"),
+                 "more answers than requests": stream_response("seen", "a")}[answer]
+        first = [] if answer != "more answers than requests" else [stream_response("seen", "a")]
+        relay.triton_sends(b"".join(frame(DATA, 0, 1, message(r)) for r in first + [wrong]), 1000)
+        assert relay.unparsed == ["grpc_stream_unpaired"]
+        (stream,) = relay.down.streams.values()
+        observed = len(relay.exchanges)
+        # from then on the stream is relayed only: nothing is held for it, nothing observed
+        for _ in range(50):
+            relay.client_sends(frame(DATA, 0, 1, message(infer_request("seen", "a"))), 1000)
+            relay.triton_sends(frame(DATA, 0, 1, message(stream_response("seen", "a"))), 1000)
+        assert not stream.awaited and not stream.requests.done and not stream.responses.done
+        assert len(relay.exchanges) == observed
 
     asyncio.run(run())

@@ -442,6 +442,36 @@ def test_grpc_stream_is_byte_identical_and_each_response_observed(triton, sideca
         assert_prelabels(entry, {n: result.as_numpy(n) for n in ("BOXES", "SCORES", "CLASSES")}, 0, dataset)
 
 
+def test_grpc_stream_burst_pairs_each_observed_response_with_its_own_request(triton, sidecar, dataset, images):
+    # A slow first request holds back the answers of the 99 quick ones behind it (Triton answers a
+    # stream in order), so more requests wait than the relay keeps: those are served, not observed,
+    # and every observed sample must still carry its own request's image (told apart by width).
+    sizes = [(640, 480)] + [(160 + n, 120) for n in range(1, 100)]
+    pictures = [images[1]] + [_jpeg(np.full((120, 160, 3), n, np.uint8), size) for n, size in enumerate(sizes) if n]
+    requests = []
+    for n, picture in enumerate(pictures):
+        message = infer_request(PEOPLE if n == 0 else TRIVIAL, [picture])
+        message.id = f"r{n}"
+        requests.append(message.SerializeToString())
+    unanswered_before = metric(sidecar, "edgecatch_unparsed_total", reason="grpc_stream_unanswered")
+    proxied, initial, code = stream_raw(sidecar.grpc, requests)
+    assert code == grpc.StatusCode.OK
+    assert [service_pb2.ModelStreamInferResponse.FromString(r).infer_response.id for r in proxied] == \
+        [f"r{n}" for n in range(100)]
+    stream_id = dict(initial)[ID_KEY]
+    deadline = time.monotonic() + 30
+    while True:
+        observed = {key[0]: entry for key, entry in manifest(dataset).items() if key[0].startswith(stream_id + ".")}
+        unanswered = metric(sidecar, "edgecatch_unparsed_total", reason="grpc_stream_unanswered") - unanswered_before
+        if len(observed) + unanswered >= 100 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(observed) + unanswered == 100 and len(observed) >= 64, (len(observed), unanswered)
+    for inference_id, entry in observed.items():
+        n = int(inference_id.rsplit(".", 1)[1])
+        assert (entry["width"], entry["height"]) == sizes[n], inference_id
+
+
 def test_grpc_stream_errors_travel_in_the_stream(triton, sidecar, images):
     requests = [infer_request("no_such_model", images[:1]).SerializeToString(),
                 infer_request(TRIVIAL, images[:1]).SerializeToString()]

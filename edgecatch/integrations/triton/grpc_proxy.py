@@ -20,6 +20,13 @@ Observation reads along:
   goes into the trailers (trailing metadata) of a call that returned a message; for
   `ModelStreamInfer` into the response headers (initial metadata), and the n-th response of the
   stream is observed as `<id>.<n>`.
+- A stream's responses are paired with its requests by position: Triton answers the requests of a
+  stream to a model that is not decoupled once each, in order. Each request keeps its place in the
+  line even when its bytes are not kept (a model not observed, more than `_MAX_UNANSWERED` awaiting
+  answers), so a burst never shifts the pairing. A response that names another model or another
+  request id than the request in its place, or one with no request left (a decoupled model answers
+  a request several times), ends the observation of that stream, counted as `grpc_stream_unpaired`:
+  from then on it is only relayed, and holds no memory.
 Parsing happens as bytes pass; `on_exchange` gets each observed pair once its answer has been
 written to the client, and only queues it for observation. A connection whose header blocks cannot be
 decoded is relayed blind (counted in `edgecatch_unparsed_total{reason="grpc_headers"}`).
@@ -36,6 +43,7 @@ import asyncio
 import logging
 import struct
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +65,8 @@ _MIN_MAX_FRAME_SIZE = 16384  # every peer accepts frames this large; an id that 
 _HEADER = struct.Struct(">HBBBI")  # length (3 bytes, split 2+1), type, flags, stream id (31 bits)
 _ID_LITERAL = b"\x00" + bytes([len(INFERENCE_ID_KEY)]) + INFERENCE_ID_KEY.encode()
 _UNARY, _STREAM = 1, 2
-_MAX_UNANSWERED = 64  # stream requests kept while waiting for their responses
+_MAX_UNANSWERED = 64  # stream requests whose bytes are kept while they wait for their responses
+_MAX_AWAITED = 4096  # stream requests awaiting a response at all (past this the stream is not observed)
 
 
 @dataclass(slots=True)
@@ -90,6 +99,45 @@ def _model_name(message: bytes) -> str | None:
         return service_pb2.ModelInferRequest.FromString(message).model_name
     except Exception:
         return None
+
+
+def _name_and_id(message: bytes | memoryview) -> tuple[bytes, bytes]:
+    """`model_name` and `id` of a serialised ModelInferRequest or ModelInferResponse (fields 1 and 3
+    of both, strings, written first and in order; field 2 is the version). Empty when absent."""
+    fields = [b"", b"", b""]
+    offset, size = 0, len(message)
+    while offset < size:
+        tag = message[offset]
+        number = tag >> 3
+        if tag & 7 != 2 or not 1 <= number <= 3:
+            break  # past the leading strings: the rest is tensors
+        length, shift, offset = 0, 0, offset + 1
+        while offset < size:
+            byte = message[offset]
+            offset += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        fields[number - 1] = bytes(message[offset:offset + length])
+        offset += length
+    return fields[0], fields[2]
+
+
+def _stream_response_name_and_id(message: bytes) -> tuple[bytes, bytes] | None:
+    """`model_name` and `id` of a ModelStreamInferResponse's `infer_response` (field 2), None for an
+    error answer (field 1, `error_message`, first)."""
+    if not message or message[0] != 0x12:
+        return None
+    offset, length, shift = 1, 0, 0
+    while offset < len(message):
+        byte = message[offset]
+        offset += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            break
+    return _name_and_id(memoryview(message)[offset:offset + length])
 
 
 class _Messages:
@@ -130,7 +178,8 @@ class _Messages:
 
 
 class _Stream:
-    __slots__ = ("kind", "requests", "responses", "inference_id", "model_ok", "count", "answered")
+    __slots__ = ("kind", "requests", "responses", "inference_id", "model_ok", "count", "answered", "awaited",
+                 "kept", "unpaired")
 
     def __init__(self, kind: int) -> None:
         self.kind = kind
@@ -138,8 +187,12 @@ class _Stream:
         self.responses = _Messages()
         self.inference_id: str | None = None
         self.model_ok: bool | None = None  # unary: decided when the request message is complete
-        self.count = 0
+        self.count = 0  # stream: requests answered so far
         self.answered = False
+        # stream: (model name, id, the message if it is observed) per request awaiting its response
+        self.awaited: deque[tuple[bytes, bytes, bytes | None]] = deque()
+        self.kept = 0  # how many of those keep their message
+        self.unpaired = False  # responses no longer pair with requests: relayed, not observed
 
 
 class GrpcProxy:
@@ -364,13 +417,14 @@ class _Downstream(asyncio.Protocol):
             stream.inference_id = self.proxy.new_inference_id()
 
     def _request_data(self, stream_id: int, stream: _Stream, payload: bytes) -> None:
+        if stream.kind == _STREAM:
+            if not stream.unpaired:
+                stream.requests.feed(payload)
+                if stream.requests.done:
+                    self._stream_requests(stream)
+            return
         stream.requests.feed(payload)
-        if stream.kind == _STREAM and len(stream.requests.done) > _MAX_UNANSWERED:
-            # Requests of a stream wait here for their responses; a model that answers none of them
-            # (decoupled) must not make the relay hold every request: the oldest is let go, counted.
-            del stream.requests.done[0]
-            self.proxy.on_unparsed("grpc_stream_unanswered")
-        if stream.kind == _UNARY and stream.model_ok is None and stream.requests.done:
+        if stream.model_ok is None and stream.requests.done:
             model = _model_name(stream.requests.done[0])
             if model is None:
                 self.proxy.on_unparsed("grpc_request")
@@ -381,6 +435,34 @@ class _Downstream(asyncio.Protocol):
                 self.streams.pop(stream_id, None)  # nothing of this call is observed
                 if self._skip_stream is stream:
                     self._skip_stream = None
+
+    def _stream_requests(self, stream: _Stream) -> None:
+        """Line up a stream's complete requests for their responses, keeping the messages observed."""
+        proxy = self.proxy
+        for message in stream.requests.done:
+            name, request_id = _name_and_id(message)
+            keep = None
+            if not name:
+                proxy.on_unparsed("grpc_request")
+            elif proxy.observed_models(name.decode("utf-8", "replace")):
+                if stream.kept < _MAX_UNANSWERED:
+                    keep = message
+                    stream.kept += 1
+                else:  # a burst larger than this is relayed, not all of it observed
+                    proxy.on_unparsed("grpc_stream_unanswered")
+            stream.awaited.append((name, request_id, keep))
+        stream.requests.done.clear()
+        if len(stream.awaited) > _MAX_AWAITED:
+            _stop_pairing(stream, proxy)
+
+
+def _stop_pairing(stream: _Stream, proxy: GrpcProxy) -> None:
+    proxy.on_unparsed("grpc_stream_unpaired")
+    stream.unpaired = True
+    stream.awaited.clear()
+    stream.kept = 0
+    stream.requests = _Messages()
+    stream.responses = _Messages()
 
 
 _HIGH_BYTES = bytes(range(0x80, 0x100))
@@ -509,6 +591,8 @@ class _Upstream(asyncio.Protocol):
         return None
 
     def _response_data(self, stream: _Stream, payload: bytes) -> None:
+        if stream.unpaired:
+            return
         stream.responses.feed(payload)
         if stream.kind == _STREAM and stream.responses.done:
             self._stream_responses(stream)
@@ -523,17 +607,23 @@ class _Upstream(asyncio.Protocol):
             self.downstream.proxy.on_exchange(exchange)  # written already; on_exchange only queues it
 
     def _stream_responses(self, stream: _Stream) -> None:
-        responses, requests = stream.responses.done, stream.requests.done
         proxy = self.downstream.proxy
-        while responses and requests:  # the n-th response answers the n-th request
-            response, request = responses.pop(0), requests.pop(0)
-            model = _model_name(request)
-            if model is None:
-                proxy.on_unparsed("grpc_request")
-            elif proxy.observed_models(model):
+        awaited = stream.awaited
+        for response in stream.responses.done:  # the n-th response answers the n-th request
+            if not awaited:
+                _stop_pairing(stream, proxy)  # more answers than requests: a decoupled model
+                return
+            name, request_id, request = awaited.popleft()
+            answers = _stream_response_name_and_id(response)  # None: Triton refused the request
+            if answers is not None and (answers[0] != name or answers[1] != request_id):
+                _stop_pairing(stream, proxy)
+                return
+            if request is not None:
+                stream.kept -= 1
                 exchange = GrpcExchange(f"{stream.inference_id}.{stream.count}", request, response, streamed=True)
                 proxy.on_exchange(exchange)
             stream.count += 1
+        stream.responses.done.clear()
 
 
 def _with_literal(buffer: bytes, offset: int, end: int, length: int, kind: int, flags: int,
