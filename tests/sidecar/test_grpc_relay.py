@@ -283,3 +283,24 @@ def test_answers_that_do_not_pair_end_the_streams_observation(answer):
         assert len(relay.exchanges) == observed
 
     asyncio.run(run())
+
+
+def test_stopping_sends_a_goaway_between_frames_and_closes_when_the_calls_are_done():
+    async def run():
+        relay = Relay(set())
+        block = hpack.Encoder().encode([(":method", "POST"), (":path", MODEL_INFER.decode())])
+        relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block) +
+                           frame(DATA, END_STREAM, 1, message(infer_request("other"))), 1000)
+        triton_enc = hpack.Encoder()
+        answer = frame(SETTINGS, 0, 0, b"") + triton_stream(triton_enc, 1, message(b"x" * 1000))
+        split = answer.index(message(b"x" * 1000)) + 100  # in the middle of the DATA frame
+        relay.triton_sends(answer[:split], 10_000)
+        relay.down.finish()  # the sidecar stops while the answer is on its way
+        assert not relay.down.transport.closed
+        relay.triton_sends(answer[split:], 10_000)
+        got = frames(relay.down.transport.data)
+        assert b"".join(frame(*f) for f in got[:-1]) == answer  # the answer whole, then the GOAWAY
+        assert got[-1] == (0x7, 0, 0, struct.pack(">II", 0x7FFFFFFF, 0))
+        assert relay.down.transport.closed and relay.up.transport.closed
+
+    asyncio.run(run())

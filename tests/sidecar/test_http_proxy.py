@@ -43,7 +43,13 @@ async def upstream_app() -> web.Application:
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200, body=b"")
 
+    async def slow_infer(request: web.Request) -> web.Response:
+        body = await request.read()
+        await asyncio.sleep(0.2)
+        return web.Response(body=b'{"echo":%d}' % len(body), content_type="application/json")
+
     app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v2/models/slow/infer", slow_infer)
     app.router.add_post("/v2/models/{name}/infer", infer)
     app.router.add_post("/v2/models/{name}/versions/{v}/infer", infer)
     app.router.add_get("/chunked", chunked)
@@ -222,3 +228,174 @@ def test_slow_upstream_times_out_with_502():
 
     answer = asyncio.run(run())
     assert answer.startswith(b"HTTP/1.1 502") and answer.endswith(b'{"error":"edgecatch sidecar: Triton timed out"}')
+
+
+def test_a_client_that_does_not_read_its_answers_is_not_read_either(harness):
+    # Triton reads a few requests ahead of its answers, then stops reading; so must the sidecar, or
+    # a pipelining client makes it hold everything it sends.
+    body = b"x" * 900_000
+    one = b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    count = 60
+
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.transport.set_write_buffer_limits(high=1 << 30)
+        writer.write(one * count)
+        await asyncio.sleep(1.0)  # the proxy reads what it takes; Triton stand-in answers every 0.2 s
+        accepted = len(one) * count - writer.transport.get_write_buffer_size()
+        writer.close()
+        await asyncio.sleep(1.0)  # what the proxy had read finishes before the loop closes
+        return accepted
+
+    accepted = harness.loop.run_until_complete(go())
+    # 2 queued + 1 with the upstream + 5 answered in that second, plus what the kernel's socket
+    # buffers hold on the way (a few MB on loopback), against 54 MB sent
+    assert accepted < 25 * len(one), accepted / len(one)
+
+
+class _LaxUpstream:
+    """An upstream that answers every request with a body, HEAD included (as Triton does for HEAD on
+    its endpoints: 405 and a JSON error), and echoes the request line in the body otherwise."""
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line = head.split(b"\r\n", 1)[0]
+                length = 0
+                for header in head.split(b"\r\n")[1:]:
+                    if header.lower().startswith(b"content-length:"):
+                        length = int(header.split(b":")[1])
+                await reader.readexactly(length)
+                if line.startswith(b"HEAD "):
+                    body, status = b'{"error":"Method not allowed"}', b"405 Method Not Allowed"
+                else:
+                    body, status = b'{"line":"%s"}' % line, b"200 OK"
+                writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                             % (status, len(body)) + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+
+def test_head_answers_end_with_their_head_and_pipelining_after_them_stays_in_step():
+    async def run():
+        upstream = _LaxUpstream()
+        up_port = await upstream.start()
+        exchanges: list[Exchange] = []
+        ids = iter(f"id-{n}" for n in range(100))
+        proxy = HttpProxy("127.0.0.1", up_port, observed_models=lambda m: m == "seen",
+                          new_inference_id=lambda: next(ids), on_exchange=exchanges.append)
+        port = await proxy.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        infer = b"POST /v2/models/seen/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        writer.write(b"HEAD /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n" + infer + infer +
+                     b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        out = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        await proxy.close()
+        upstream.server.close()
+        return out, exchanges
+
+    out, exchanges = asyncio.run(run())
+
+    def answer(line: bytes, inference_id: bytes = b"") -> bytes:
+        body = b'{"line":"%s"}' % line
+        extra = b"X-Edgecatch-Inference-Id: %s\r\n" % inference_id if inference_id else b""
+        return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+            len(body), extra, body)
+
+    infer_line = b"POST /v2/models/seen/infer HTTP/1.1"
+    assert out == (b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\nContent-Length: 30\r\n\r\n"
+                   + answer(infer_line, b"id-0") + answer(infer_line, b"id-1") +
+                   answer(b"GET /v2/health/live HTTP/1.1"))
+    assert [(e.inference_id, e.response_body) for e in exchanges] == [
+        (f"id-{n}", b'{"line":"%s"}' % infer_line) for n in range(2)]
+
+
+def test_local_answers_to_head_have_no_body(harness):
+    out = raw_exchange(harness, b"HEAD /edgecatch/healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                       b"GET /edgecatch/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    first, _, second = out.partition(b"\r\n\r\n")
+    assert b"Content-Length: 14" in first
+    assert second.startswith(b"HTTP/1.1 200") and second.endswith(b'\r\n\r\n{"local":true}')
+
+
+def test_a_client_that_half_closes_after_its_requests_gets_its_answers(harness):
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.write(b"POST /v2/models/seen/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                     b"GET /edgecatch/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write_eof()
+        out = await asyncio.wait_for(reader.read(-1), 10)  # then the proxy closes
+        writer.close()
+        return out
+
+    out = harness.loop.run_until_complete(go())
+    assert out.count(b"HTTP/1.1 200") == 2 and b'{"echo":2}' in out and out.endswith(b'{"local":true}')
+
+
+def test_upgrade_offers_are_answered_in_http_1_1(harness):
+    offer = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    out = raw_exchange(harness, b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n" + offer + b"\r\n" +
+                       b"POST /v2/models/seen/infer HTTP/1.1\r\nHost: x\r\n" + offer + b"Content-Length: 5\r\n\r\nhello" +
+                       b"POST /v2/models/other/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+    assert out.count(b"HTTP/1.1 200") == 3 and b'{"echo":5}' in out and out.endswith(b'{"echo":3}')
+    harness.loop.run_until_complete(asyncio.sleep(0.01))
+    (exchange,) = harness.exchanges
+    assert exchange.request_body == b"hello"
+
+
+def test_absolute_form_request_targets_are_observed(harness):
+    out = raw_exchange(harness, b"POST http://127.0.0.1:8000/v2/models/seen/infer HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+    assert b"X-Edgecatch-Inference-Id: id-0" in out and out.endswith(b'{"echo":2}')
+
+
+def test_expect_continue_waits_for_its_turn_and_is_refused_when_too_large(harness):
+    async def go():
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.write(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na"
+                     b"POST /v2/models/other/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                     b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b'{"echo":1}'), 5)  # the slow answer comes first
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(b"data")
+        rest = await asyncio.wait_for(reader.read(-1), 5)
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.write(b"POST /v2/models/other/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        refused = await asyncio.wait_for(reader.read(-1), 5)
+        writer.close()
+        return first, interim, rest, refused
+
+    first, interim, rest, refused = harness.loop.run_until_complete(go())
+    assert first.startswith(b"HTTP/1.1 200") and b"100 Continue" not in first
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n" and rest.endswith(b'{"echo":4}')
+    assert refused.startswith(b"HTTP/1.1 413") and b"100 Continue" not in refused
+
+
+def test_closing_answers_the_requests_in_progress_then_closes(harness):
+    async def go():
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.write(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na")
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(harness.proxy.close(grace=5))
+        answer = await asyncio.wait_for(reader.read(-1), 5)  # its answer, then the end of the connection
+        idle = await asyncio.wait_for(idle_reader.read(-1), 5)
+        await closing
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.close()
+        idle_writer.close()
+        return answer, idle
+
+    answer, idle = harness.loop.run_until_complete(go())
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"echo":1}')
+    assert idle == b""

@@ -17,8 +17,10 @@ import io
 import json
 import os
 import re
+import signal
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -865,6 +867,33 @@ def test_selected_predictions_reach_the_upload_api_with_their_prelabels(triton, 
 
 
 # -- Triton goes away and comes back (keep last: it restarts the session's Triton) --------------------
+
+def test_stopping_the_sidecar_lets_the_calls_in_progress_finish(triton, tmp_path, images):
+    """SIGTERM with slow calls under way over both protocols: each gets its answer, then it exits."""
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(POLICY)
+    process = SidecarProcess(tmp_path, triton, policies=policies,
+                             sink={"type": "directory", "path": str(tmp_path / "dataset")})
+    process.start()
+    try:
+        message = infer_request(PEOPLE, images[:1]).SerializeToString()
+        body, headers = binary_infer_body(images[:1])
+        with grpc.insecure_channel(process.grpc) as channel, ThreadPoolExecutor(2) as pool:
+            call = channel.unary_unary(SERVICE + "ModelInfer")
+            call(message, timeout=60)  # the connection is up
+            under_way = [call.future(message, timeout=60) for _ in range(3)]
+            http_answer = pool.submit(request, process.http, "POST", f"/v2/models/{PEOPLE}/infer", body, headers)
+            time.sleep(0.1)  # each people_detector call takes ~150 ms, four of them ~300 ms
+            os.killpg(process.pid, signal.SIGTERM)
+            answers = [service_pb2.ModelInferResponse.FromString(f.result()) for f in under_way]
+            answer = http_answer.result()
+        assert [a.model_name for a in answers] == [PEOPLE] * 3
+        assert answer.status == 200 and answer.inference_id is not None
+        assert process.process.wait(30) == 0
+        assert "Traceback" not in process.log_tail(200_000), process.log_tail()
+    finally:
+        process.stop()
+
 
 def test_triton_stopped_and_restarted_is_survived(triton, sidecar, images):
     body, headers = binary_infer_body(images[:1])

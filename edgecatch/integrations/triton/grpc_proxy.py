@@ -31,6 +31,10 @@ Parsing happens as bytes pass; `on_exchange` gets each observed pair once its an
 written to the client, and only queues it for observation. A connection whose header blocks cannot be
 decoded is relayed blind (counted in `edgecatch_unparsed_total{reason="grpc_headers"}`).
 
+Stopping: no new connections are accepted, each client is sent a GOAWAY that lets no new call
+start on its connection (last stream id 2^31-1, as RFC 9113 says a graceful shutdown begins), and a
+connection is closed once its calls in progress have ended (or the grace period has).
+
 Triton unreachable: the client connection is closed before any HTTP/2 byte, which gRPC clients
 report as UNAVAILABLE, as for an unreachable Triton; a Triton that goes away closes its paired
 client connections the same way. A new client connection tries Triton again, so recovery needs
@@ -59,7 +63,9 @@ MODEL_INFER = f"/{SERVICE}/ModelInfer".encode()
 MODEL_STREAM_INFER = f"/{SERVICE}/ModelStreamInfer".encode()
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_DATA, _HEADERS, _RST_STREAM, _CONTINUATION = 0x0, 0x1, 0x3, 0x9
+_DATA, _HEADERS, _RST_STREAM, _GOAWAY, _CONTINUATION = 0x0, 0x1, 0x3, 0x7, 0x9
+# GOAWAY on stream 0: last stream id 2^31-1 (every call begun may finish), error code NO_ERROR
+_GRACEFUL_GOAWAY = struct.pack(">HBBBIII", 0, 8, _GOAWAY, 0, 0, 0x7FFFFFFF, 0)
 _END_STREAM, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x4, 0x8, 0x20
 _MIN_MAX_FRAME_SIZE = 16384  # every peer accepts frames this large; an id that would not fit is left out
 _HEADER = struct.Struct(">HBBBI")  # length (3 bytes, split 2+1), type, flags, stream id (31 bits)
@@ -223,9 +229,17 @@ class GrpcProxy:
                                                 reuse_address=True)
         return self._server.sockets[0].getsockname()[1]
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting connections; let the calls in progress finish (for up to `grace` seconds,
+        no new call starting), then close every connection."""
+        loop = asyncio.get_running_loop()
         if self._server is not None:
             self._server.close()
+        for connection in list(self._connections):
+            connection.finish()
+        deadline = loop.time() + grace
+        while self._connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
         for connection in list(self._connections):
             connection.close()
         if self._server is not None:
@@ -258,6 +272,8 @@ class _Downstream(asyncio.Protocol):
         self._table_version = 0
         self.blind = False
         self.streams: dict[int, _Stream] = {}
+        self.active: set[int] = set()  # every call in progress (not only observed ones), for stopping
+        self.finishing = False  # stopping: close once no call is in progress
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -298,6 +314,24 @@ class _Downstream(asyncio.Protocol):
             self.transport.close()
         if self.upstream is not None:
             self.upstream.transport.close()
+
+    def finish(self) -> None:
+        """Stopping: no new call on this connection; close it once the calls in progress are done."""
+        self.finishing = True
+        upstream = self.upstream
+        if upstream is None or not upstream.forwarded:
+            self.close()  # Triton has not even sent its settings: nothing can be in progress
+            return
+        if upstream._skip:  # in the middle of one of Triton's frames: the GOAWAY goes after it
+            upstream.goaway_due = True
+        else:
+            self.transport.write(_GRACEFUL_GOAWAY)
+        self.close_if_done()
+
+    def close_if_done(self) -> None:
+        if self.finishing and not self.active and not self.blind and self.upstream is not None \
+                and not self.upstream.goaway_due:
+            self.close()
 
     def pause_writing(self) -> None:  # the client reads slowly: stop reading Triton
         if self.upstream is not None:
@@ -373,6 +407,8 @@ class _Downstream(asyncio.Protocol):
                     self._request_data(stream_id, stream, _unpadded(buffer, offset + 9, end))
             elif kind == _RST_STREAM:
                 streams.pop(stream_id, None)
+                self.active.discard(stream_id)
+                self.close_if_done()
             offset = end
         self._buffer = buffer[offset:] if offset < size else b""
 
@@ -396,6 +432,7 @@ class _Downstream(asyncio.Protocol):
         else:
             raise ValueError("CONTINUATION without HEADERS")
         stream_id = self._block_stream
+        self.active.add(stream_id)
         if block.translate(None, _HIGH_BYTES):  # literals or table updates: decode, table may change
             path = _path_of(self._decoder.decode(block, raw=True))
             self._table_version += 1
@@ -488,6 +525,8 @@ class _Upstream(asyncio.Protocol):
         self._buffer = b""  # an incomplete frame (or frame header) from Triton
         self._skip = 0
         self._skip_stream: _Stream | None = None
+        self.forwarded = False  # Triton's first bytes (its settings) have reached the client
+        self.goaway_due = False  # the sidecar is stopping: a GOAWAY goes out at the next frame boundary
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -509,6 +548,7 @@ class _Upstream(asyncio.Protocol):
         if downstream.blind:
             if self._buffer:
                 data, self._buffer = self._buffer + data, b""
+            self.forwarded = True
             downstream.transport.write(data)
             return
         try:
@@ -517,7 +557,13 @@ class _Upstream(asyncio.Protocol):
             downstream.go_blind("grpc_response", exc)
             out, self._buffer = self._buffer + data, b""
         if out:
+            self.forwarded = True
             downstream.transport.write(out)
+        if downstream.finishing:
+            if self.goaway_due and not self._skip:
+                self.goaway_due = False
+                downstream.transport.write(_GRACEFUL_GOAWAY)
+            downstream.close_if_done()
 
     def _relay(self, data: bytes) -> bytes:
         head = b""
@@ -532,6 +578,7 @@ class _Upstream(asyncio.Protocol):
             head, data = chunk, data[n:]
         buffer = self._buffer + data if self._buffer else data
         streams = self.downstream.streams
+        active = self.downstream.active
         offset, size = 0, len(buffer)
         unpack = _HEADER.unpack_from
         pieces: list[bytes] | None = None
@@ -552,25 +599,27 @@ class _Upstream(asyncio.Protocol):
                     self._response_data(stream, buffer[offset + 9:end])
             elif end > size:
                 break
-            elif stream is None:
-                pass
-            elif kind == _DATA:
-                self._response_data(stream, _unpadded(buffer, offset + 9, end))
             elif kind == _HEADERS:
-                literal = self._literal_for(stream, flags)
-                if literal is not None:
-                    if flags & _END_HEADERS and length + len(literal) <= _MIN_MAX_FRAME_SIZE:
-                        if pieces is None:
-                            pieces = [head] if head else []
-                        pieces.append(buffer[copied:offset])
-                        pieces.append(_with_literal(buffer, offset, end, length, kind, flags, literal))
-                        copied = end
-                    elif stream.kind == _UNARY:
-                        stream.inference_id = None  # it could not be added: do not observe it under it
-                if flags & _END_STREAM:
-                    self._finish(stream_id & 0x7FFFFFFF, stream)
+                if stream is not None:
+                    literal = self._literal_for(stream, flags)
+                    if literal is not None:
+                        if flags & _END_HEADERS and length + len(literal) <= _MIN_MAX_FRAME_SIZE:
+                            if pieces is None:
+                                pieces = [head] if head else []
+                            pieces.append(buffer[copied:offset])
+                            pieces.append(_with_literal(buffer, offset, end, length, kind, flags, literal))
+                            copied = end
+                        elif stream.kind == _UNARY:
+                            stream.inference_id = None  # it could not be added: do not observe it under it
+                    if flags & _END_STREAM:
+                        self._finish(stream_id & 0x7FFFFFFF, stream)
+                if flags & _END_STREAM:  # the trailers: the call is over
+                    active.discard(stream_id & 0x7FFFFFFF)
             elif kind == _RST_STREAM:
                 streams.pop(stream_id & 0x7FFFFFFF, None)
+                active.discard(stream_id & 0x7FFFFFFF)
+            elif stream is not None and kind == _DATA:
+                self._response_data(stream, _unpadded(buffer, offset + 9, end))
             offset = end
         self._buffer = buffer[offset:] if offset < size else b""
         if pieces is not None:

@@ -9,8 +9,11 @@ the responses of observed inference calls. `on_exchange` receives each observed 
 response has been written, and must only queue it: observation never delays an answer.
 
 Differences from a raw TCP relay, all hop-by-hop: `Expect: 100-continue` is answered here (and not
-forwarded), a chunked request body is forwarded with a Content-Length, and requests under
-`/edgecatch/` are served by edgecatch itself.
+forwarded), a chunked request body is forwarded with a Content-Length, the answer to a HEAD ends
+with its head (Triton sends a body after some), an upgrade offer (`Upgrade: h2c`) is forwarded and
+the connection goes on in HTTP/1.1 as Triton answers it, and requests under `/edgecatch/` are served
+by edgecatch itself. A client is read at most `_MAX_QUEUED` complete requests ahead of its answers,
+as Triton reads, so pipelining cannot make the sidecar hold more than that.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ log = logging.getLogger("edgecatch.sidecar.http")
 
 INFERENCE_ID_HEADER = b"X-Edgecatch-Inference-Id"
 _INFER_PATH = re.compile(rb"^/v2/models/([^/?]+)(?:/versions/([^/?]+))?/infer(?:\?.*)?$")
+_ABSOLUTE_URL = re.compile(rb"^https?://[^/?#]*", re.IGNORECASE)
+_MAX_QUEUED = 2  # complete requests of a connection waiting behind the one with Triton
 
 
 @dataclass(slots=True)
@@ -64,17 +69,26 @@ _REASONS = {200: b"OK", 202: b"Accepted", 400: b"Bad Request", 401: b"Unauthoriz
 
 
 def _response_bytes(status: int, body: bytes, content_type: bytes = b"application/json",
-                    extra: tuple[tuple[bytes, bytes], ...] = (), keep_alive: bool = True) -> bytes:
+                    extra: tuple[tuple[bytes, bytes], ...] = (), keep_alive: bool = True,
+                    head_only: bool = False) -> bytes:
     head = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Unknown")),
             b"Content-Type: " + content_type, b"Content-Length: %d" % len(body)]
     head += [name + b": " + value for name, value in extra]
     if not keep_alive:
         head.append(b"Connection: close")
-    return b"\r\n".join(head) + b"\r\n\r\n" + body
+    return b"\r\n".join(head) + b"\r\n\r\n" + (b"" if head_only else body)
+
+
+def _origin_form(url: bytes) -> bytes:
+    """The path (and query) of a request target, also when a client sends it in absolute form."""
+    if url[:1] == b"/":
+        return url
+    match = _ABSOLUTE_URL.match(url)
+    return (url[match.end():] or b"/") if match else url
 
 
 class _Request:
-    __slots__ = ("method", "url", "headers", "body", "keep_alive", "version")
+    __slots__ = ("method", "url", "headers", "body", "keep_alive", "version", "awaits_continue")
 
     def __init__(self) -> None:
         self.method = b""
@@ -83,6 +97,11 @@ class _Request:
         self.body: list[bytes] = []
         self.keep_alive = True
         self.version = "1.1"
+        self.awaits_continue = False  # sent `Expect: 100-continue`, not yet answered with 100
+
+    @property
+    def head_only(self) -> bool:
+        return self.method == b"HEAD"
 
 
 class HttpProxy:
@@ -114,6 +133,7 @@ class HttpProxy:
         self._server: asyncio.base_events.Server | None = None
         self._observed_cache: dict[bytes, tuple[str, bool]] = {}
         self._busy: set[_Upstream] = set()  # exchanges in progress, watched for the timeout
+        self._clients: set[_Client] = set()
         self._watchdog: asyncio.TimerHandle | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -130,11 +150,22 @@ class HttpProxy:
             upstream.timed_out()
         self._watchdog = loop.call_later(min(1.0, self.upstream_timeout / 4), self._watch)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting connections, answer the requests already read (for up to `grace` seconds:
+        no new ones are read), then close every connection."""
+        loop = asyncio.get_running_loop()
+        if self._server is not None:
+            self._server.close()
+        for client in list(self._clients):
+            client.finish()
+        deadline = loop.time() + grace
+        while self._clients and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for client in list(self._clients):
+            client.abort()
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._server is not None:
-            self._server.close()
             await self._server.wait_closed()
         while self._idle:
             self._idle.popleft().transport.close()
@@ -200,6 +231,7 @@ class _Upstream(asyncio.Protocol):
         self._body: list[bytes] = []
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_only = False
+        self._head_done = False  # a HEAD answer's head has been parsed: the exchange ends there
         self.deadline = 0.0  # loop time after which the exchange in progress times out
         self.status = 0
         self.sent_anything = False
@@ -213,13 +245,13 @@ class _Upstream(asyncio.Protocol):
         if self._client is not None:
             self._fail(ConnectionError("upstream closed the connection"))
 
-    def pause_writing(self) -> None:
+    def pause_writing(self) -> None:  # Triton reads slowly: stop reading the client
         if self._client is not None:
-            self._client.transport.pause_reading()
+            self._client.hold_reading(True)
 
     def resume_writing(self) -> None:
         if self._client is not None:
-            self._client.transport.resume_reading()
+            self._client.hold_reading(False)
 
     def send(self, client: _Client, pending: _Pending) -> None:
         self._client = client
@@ -260,7 +292,10 @@ class _Upstream(asyncio.Protocol):
                 self._head_sent = True
                 self.sent_anything = True
                 inject = self._inject
-                client.write(head[:end + 2] + inject + head[end + 2:] if inject else head)
+                if self._head_only:
+                    client.write(head[:end + 4])  # an answer to HEAD is its head, whatever follows
+                else:
+                    client.write(head[:end + 2] + inject + head[end + 2:] if inject else head)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -268,6 +303,11 @@ class _Upstream(asyncio.Protocol):
             self.transport.close()
             if self._client is not None:
                 self._fail(ConnectionError(f"bad response from upstream: {exc}"))
+            return
+        if self._head_done:  # ended here, after the parser is done with these bytes, not inside it
+            self._head_done = False
+            self.keep_alive = False  # the parser expects the body Content-Length announced: start afresh
+            self._complete()
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -278,8 +318,7 @@ class _Upstream(asyncio.Protocol):
         self.status = self._parser.get_status_code()
         self.keep_alive = self._parser.should_keep_alive()
         if self._head_only:  # a response to HEAD has no body whatever its Content-Length says
-            self._parser = httptools.HttpResponseParser(self)
-            self._complete()
+            self._head_done = True
 
     def on_body(self, body: bytes) -> None:
         if self._keep_body:
@@ -331,14 +370,52 @@ class _Client(asyncio.Protocol):
         self._closing = False
         self._too_large = False
         self._paused = False  # the client does not read its answers fast enough
+        self._reading = True
+        self._held = False  # Triton does not read this client's request fast enough
+        self._eof = False  # no more requests are read (the client half-closed, or the sidecar stops)
+        self._upgrade_body: _Request | None = None  # a request with an upgrade offer, its body to come
+        self._upgrade_need = 0
+
+    def hold_reading(self, held: bool) -> None:
+        self._held = held
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        reading = not self._eof and not self._held and len(self._queue) < _MAX_QUEUED
+        if reading != self._reading and not self._closing:
+            self._reading = reading
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.proxy._clients.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._queue.clear()
+        self.proxy._clients.discard(self)
+
+    def eof_received(self) -> bool:
+        self.finish()
+        return True  # keep the transport open to write the answers still due
+
+    def finish(self) -> None:
+        """Read no more requests; close once those already read are answered."""
+        self._eof = True
+        if not self._busy and not self._queue:
+            self._close()
+        else:
+            self._update_reading()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._queue.clear()
+        self.transport.abort()  # not close(): a client that does not read would keep it open
+        self.proxy._clients.discard(self)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -349,15 +426,38 @@ class _Client(asyncio.Protocol):
             self._next()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, b'{"error":"protocol upgrades are not supported by the edgecatch sidecar"}')
-        except httptools.HttpParserError:
-            if self._too_large:
-                self._fail(413, b'{"error":"request body larger than the sidecar accepts"}')
-            else:
-                self._fail(400, b'{"error":"malformed HTTP request"}')
+        if self._upgrade_body is not None:
+            data = self._upgrade_body_data(data)
+        while data:
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as exc:
+                # An upgrade offer (`Upgrade: h2c` from curl --http2, Java's client): Triton does not
+                # take it up and answers in HTTP/1.1, so parsing goes on in HTTP/1.1. The request's
+                # body, which llhttp leaves to the "new protocol", is read here.
+                self._parser = httptools.HttpRequestParser(self)
+                data = data[exc.args[0]:]
+                if self._upgrade_body is not None:
+                    data = self._upgrade_body_data(data)
+            except httptools.HttpParserError:
+                if self._too_large:
+                    self._fail(413, b'{"error":"request body larger than the sidecar accepts"}')
+                else:
+                    self._fail(400, b'{"error":"malformed HTTP request"}')
+                return
+
+    def _upgrade_body_data(self, data: bytes) -> bytes:
+        """Feed the body of a request with an upgrade offer; what follows it is returned."""
+        request = self._upgrade_body
+        take = data[:self._upgrade_need]
+        request.body.append(take)
+        self._upgrade_need -= len(take)
+        if self._upgrade_need:
+            return b""
+        self._upgrade_body = None
+        self._queue_request(request)
+        return data[len(take):]
 
     def write(self, data: bytes) -> None:
         if not self._closing:
@@ -389,7 +489,16 @@ class _Client(asyncio.Protocol):
         request.version = self._parser.get_http_version()
         for name, value in request.headers:
             if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if (_content_length(request) or 0) > self.proxy.max_request_bytes:
+                    self._too_large = True  # say so before the client sends the body
+                    raise httptools.HttpParserError("body too large")
+                request.awaits_continue = True
+                if not self._busy and not self._queue:  # otherwise when the answers before it are out
+                    self._continue(request)
+
+    def _continue(self, request: _Request) -> None:
+        request.awaits_continue = False
+        self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -401,9 +510,18 @@ class _Client(asyncio.Protocol):
     def on_message_complete(self) -> None:
         request, self._current = self._current, None
         request.keep_alive = self._parser.should_keep_alive()
+        if self._parser.should_upgrade():
+            length = _content_length(request)
+            if length:
+                self._upgrade_body, self._upgrade_need = request, length  # see data_received
+                return
+        self._queue_request(request)
+
+    def _queue_request(self, request: _Request) -> None:
         self._queue.append(request)
         if not self._busy:
             self._next()
+        self._update_reading()
 
     # forwarding, one request at a time per connection (HTTP/1.1 answers in order)
     def _next(self) -> None:
@@ -415,19 +533,29 @@ class _Client(asyncio.Protocol):
                 log.exception("unexpected error while proxying %s %s", request.method, request.url[:200])
                 self._fail(502, b'{"error":"edgecatch sidecar: internal error"}')
                 return
+        if self._closing:
+            return
+        current = self._current
+        if not self._busy and not self._queue and current is not None and current.awaits_continue:
+            self._continue(current)  # its turn has come
+        if self._eof and not self._busy and not self._queue:
+            self._close()
+            return
+        self._update_reading()
 
     def _start(self, request: _Request) -> None:
         parts = request.body
         body = parts[0] if len(parts) == 1 else b"".join(parts)
-        if request.url.startswith(b"/edgecatch/") and self.proxy.local_handler is not None:
+        path = _origin_form(request.url)
+        if path.startswith(b"/edgecatch/") and self.proxy.local_handler is not None:
             self._busy = True
-            asyncio.get_running_loop().create_task(self._local(request, body))
+            asyncio.get_running_loop().create_task(self._local(request, path, body))
             return
         observe_as: tuple[str, str] | None = None
         inference_id = ""
         inject = b""
         if request.method == b"POST":
-            match = _INFER_PATH.match(request.url)
+            match = _INFER_PATH.match(path)
             if match is not None:
                 model, observed = self.proxy._model(match.group(1))
                 if observed:
@@ -462,15 +590,15 @@ class _Client(asyncio.Protocol):
             return
         upstream.send(self, pending)
 
-    async def _local(self, request: _Request, body: bytes) -> None:
+    async def _local(self, request: _Request, path: bytes, body: bytes) -> None:
         try:
-            answer = await self.proxy.local_handler(request.method, request.url, request.headers, body)
+            answer = await self.proxy.local_handler(request.method, path, request.headers, body)
             self.write(_response_bytes(answer.status, answer.body, answer.content_type, answer.headers,
-                                       keep_alive=request.keep_alive))
+                                       keep_alive=request.keep_alive, head_only=request.head_only))
         except Exception:
-            log.exception("edgecatch route %s failed", request.url[:200])
+            log.exception("edgecatch route %s failed", path[:200])
             self.write(_response_bytes(500, b'{"error":"edgecatch sidecar: internal error"}',
-                                       keep_alive=request.keep_alive))
+                                       keep_alive=request.keep_alive, head_only=request.head_only))
         self.answered_request(request)
 
     def answered(self, pending: _Pending) -> None:
@@ -478,6 +606,7 @@ class _Client(asyncio.Protocol):
 
     def answered_request(self, request: _Request) -> None:
         self._busy = False
+        self._held = False  # whatever held the client's reading was this request's
         if not request.keep_alive:
             self._close()
             return
@@ -498,8 +627,18 @@ class _Client(asyncio.Protocol):
             return
         reason = b"timed out" if isinstance(exc, asyncio.TimeoutError) else b"is unreachable"
         self.write(_response_bytes(502, b'{"error":"edgecatch sidecar: Triton %s"}' % reason,
-                                   keep_alive=pending.request.keep_alive))
+                                   keep_alive=pending.request.keep_alive, head_only=pending.request.head_only))
         self.answered(pending)
+
+
+def _content_length(request: _Request) -> int | None:
+    for name, value in request.headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def _request_head(request: _Request, body_length: int) -> bytes:

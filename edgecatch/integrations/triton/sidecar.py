@@ -80,6 +80,8 @@ class SidecarSettings(_Strict):
     models: dict[str, ModelReading] = Field(default_factory=dict)
     max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     upstream_timeout_seconds: float = Field(600.0, gt=0)
+    stop_grace_seconds: float = Field(
+        20.0, ge=0, description="on SIGTERM: how long calls in progress may take to finish (no new ones start)")
 
 
 class SidecarConfig(EdgecatchConfig):
@@ -338,8 +340,8 @@ class Sidecar:
         return response
 
     async def stop(self) -> None:
-        await self.http.close()
-        await self.grpc.close()
+        grace = self.settings.stop_grace_seconds
+        await asyncio.gather(self.http.close(grace), self.grpc.close(grace))
         self.observer.drain_now()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
