@@ -116,6 +116,9 @@ class Collector:
         self._thread: threading.Thread | None = None
         self._peer_server: asyncio.AbstractServer | None = None
         self._unparsed_logged: set[str] = set()
+        # Ids whose verdict came with its own prediction and image (the prediction forgotten): one
+        # verdict each, as for remembered ones; bounded like the recall buffer's item count.
+        self._late_verdicts: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     @classmethod
     def from_config(cls, config: EdgecatchConfig, **kwargs: Any) -> Collector:
@@ -251,10 +254,20 @@ class Collector:
         entry, first = self.recall.give_verdict(inference_id, verdict.value)
         if entry is None:
             owner = _owner_pid(inference_id)
-            if owner is not None and owner != self._pid and prediction is None:
-                return self._forward_feedback(owner, inference_id, verdict, note, corrected)
+            if owner is not None and owner != self._pid:
+                # The worker that served it may still remember it, even when the client sent the
+                # prediction along: asked first, so that one prediction gets one verdict.
+                outcome = self._forward_feedback(owner, inference_id, verdict, note, corrected)
+                if prediction is None or outcome.status not in ("unknown", "forwarded_error"):
+                    return outcome
             if prediction is None or image is None:
                 return FeedbackOutcome("unknown")
+            with self._lock:
+                if inference_id in self._late_verdicts:
+                    return FeedbackOutcome("duplicate")
+                self._late_verdicts[inference_id] = None
+                if len(self._late_verdicts) > self.config.recall.max_items:
+                    self._late_verdicts.popitem(last=False)
             base = Observation(
                 model=prediction.model, model_version=prediction.model_version,
                 detections=tuple(d.to_detection() for d in prediction.detections or ()),
@@ -444,6 +457,11 @@ class Collector:
     async def run_in_background(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run blocking work (a verdict that may be forwarded, a drain) off an event loop."""
         return await asyncio.to_thread(func, *args, **kwargs)
+
+    @property
+    def state(self) -> str:
+        """created, running, stopping or stopped."""
+        return self._state
 
     def health(self) -> dict[str, Any]:
         return {

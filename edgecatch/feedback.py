@@ -18,6 +18,7 @@ wrong token, 404 unknown id, 409 a verdict was already given for this id, 413 im
 from __future__ import annotations
 
 import hmac
+import io
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -82,9 +83,25 @@ def _validation_message(exc: ValidationError) -> str:
 def authorized(expected_token: str | None, authorization: str | None) -> bool:
     if expected_token is None:
         return True
-    if not authorization or not authorization.startswith("Bearer "):
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":  # auth schemes are case-insensitive (RFC 9110, 11.1)
         return False
-    return hmac.compare_digest(authorization[7:].strip().encode(), expected_token.encode())
+    return hmac.compare_digest(token.strip().encode(), expected_token.encode())
+
+
+def _image_problem(image: Any) -> str | None:
+    """Why an image sent along with a verdict cannot be used, or None. Checked before answering:
+    a 202 must not turn into a sample that is dropped later."""
+    if not isinstance(image, (bytes, bytearray)):
+        return "'image' must be a file part with the encoded image (JPEG, PNG, ...)"
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            opened.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return "'image' is not an image that can be read (JPEG, PNG, ...)"
+    return None
 
 
 def handle_feedback(
@@ -115,8 +132,18 @@ def handle_feedback(
             request = FeedbackRequest.model_validate_json(body)
     except ValidationError as exc:
         return _error(400, _validation_message(exc))
-    if image is not None and len(image) > collector.max_feedback_image_bytes:
-        return _error(413, f"image larger than {collector.max_feedback_image_bytes} bytes")
+    if prediction is not None and image is None:
+        return _error(400, "a verdict sent with its 'prediction' needs the 'image' too")
+    if image is not None:
+        if isinstance(image, (bytes, bytearray)) and len(image) > collector.max_feedback_image_bytes:
+            return _error(413, f"image larger than {collector.max_feedback_image_bytes} bytes")
+        problem = _image_problem(image)
+        if problem:
+            return _error(400, problem)
+    corrected_labels = request.corrected
+    if corrected_labels is not None and corrected_labels.detections is not None \
+            and corrected_labels.classification is not None:
+        return _error(400, "corrected: give either 'detections' or 'classification', not both")
 
     verdict = Verdict(request.verdict)
     corrected = None

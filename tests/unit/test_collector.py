@@ -152,6 +152,75 @@ def test_unknown_id_with_prediction_and_image_is_accepted(make_collector):
     assert image == b"img" and event.detections[0].class_name == "cat"
 
 
+def test_a_verdict_sent_with_its_prediction_is_still_one_per_id(make_collector):
+    from edgecatch.feedback import PredictionPayload
+
+    collector = make_collector()
+    payload = PredictionPayload.model_validate({"model": "m", "detections": []})
+    first = collector.feedback("client-made-id", Verdict.INCORRECT, prediction=payload, image=b"img")
+    again = collector.feedback("client-made-id", Verdict.CORRECT, prediction=payload, image=b"img")
+    assert (first.status, again.status) == ("accepted", "duplicate")
+    assert len(collector.delivery.samples) == 1
+
+
+def _jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("authorization, status", [
+    ("Bearer s3cret", 202), ("bearer s3cret", 202), ("BEARER  s3cret ", 202),
+    ("Bearer wrong", 401), ("Basic s3cret", 401), ("s3cret", 401), (None, 401)])
+def test_the_feedback_token_scheme_is_case_insensitive(make_collector, authorization, status):
+    from edgecatch.feedback import handle_feedback
+
+    collector = make_collector()
+    collector.feedback_token = "s3cret"
+    seen = prediction(collector, 0.9)
+    collector.observe(seen, b"x")
+    body = ('{"inference_id": "%s", "verdict": "correct"}' % seen.inference_id).encode()
+    answer = handle_feedback(collector, body=body, content_type="application/json", authorization=authorization)
+    assert answer.status == status, answer.body
+
+
+@pytest.mark.parametrize("form, message", [
+    ({"image": "not a file"}, "'image' must be a file part"),
+    ({"image": b"\xff\xd8 not really a jpeg"}, "'image' is not an image"),
+    ({"image": b""}, "'image' is not an image"),
+    ({"image": None}, "needs the 'image' too"),
+])
+def test_an_image_sent_with_a_verdict_must_be_usable_before_it_is_accepted(make_collector, form, message):
+    from edgecatch.feedback import handle_feedback
+
+    collector = make_collector()
+    fields = {"feedback": '{"inference_id": "client-1", "verdict": "incorrect"}',
+              "prediction": '{"model": "m", "detections": []}', **form}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    answer = handle_feedback(collector, body=b"", content_type="multipart/form-data", authorization=None, form=fields)
+    assert answer.status == 400 and message in answer.body["error"], answer.body
+    assert collector.delivery.samples == []
+    fields["image"] = _jpeg()
+    answer = handle_feedback(collector, body=b"", content_type="multipart/form-data", authorization=None, form=fields)
+    assert answer.status == 202 and answer.body["selected"], answer.body
+
+
+def test_corrected_labels_are_detections_or_a_classification_not_both(make_collector):
+    from edgecatch.feedback import handle_feedback
+
+    collector = make_collector()
+    seen = prediction(collector, 0.9)
+    collector.observe(seen, b"x")
+    body = ('{"inference_id": "%s", "verdict": "incorrect", "corrected": {"detections": [], '
+            '"classification": {"cat": 1.0}}}' % seen.inference_id).encode()
+    answer = handle_feedback(collector, body=body, content_type="application/json", authorization=None)
+    assert answer.status == 400 and "not both" in answer.body["error"]
+
+
 def test_predictions_leaving_the_buffer_unanswered_become_silent_events(make_collector):
     collector = make_collector(max_items=2)
     first, second, third = (prediction(collector, 0.9) for _ in range(3))
@@ -238,6 +307,13 @@ def test_a_verdict_reaching_another_worker_is_forwarded(make_collector, tmp_path
         assert outcome.status == "accepted" and outcome.decision.policy == "wrong"
         assert collector.delivery.samples == []  # the child, which remembers the image, handed it off
         assert collector.feedback(inference_id, Verdict.CORRECT).status == "duplicate"
+        # Sent along with the prediction and the image, it still goes to the worker that remembers it.
+        from edgecatch.feedback import PredictionPayload
+
+        payload = PredictionPayload.model_validate({"model": "m", "detections": []})
+        assert collector.feedback(inference_id, Verdict.CORRECT, prediction=payload, image=b"img").status == \
+            "duplicate"
+        assert collector.delivery.samples == []
         child.stdin.write("\n")
         child.stdin.flush()
         assert child.stdout.readline().split() == ["1", "incorrect"]
