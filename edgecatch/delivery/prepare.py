@@ -54,12 +54,32 @@ def _open(image: Any) -> Image.Image:
         except Exception as exc:  # PIL raises several types for bad data
             raise ImageError(f"cannot decode image: {type(exc).__name__}") from None
         return opened
-    if hasattr(image, "__array_interface__"):  # numpy HWC RGB uint8 (or HW grayscale)
+    if hasattr(image, "__array_interface__"):  # numpy HWC RGB (or HW grayscale)
         try:
-            return Image.fromarray(image)
+            return Image.fromarray(_as_uint8(image))
         except Exception as exc:
             raise ImageError(f"cannot read array image: {exc}") from None
     raise ImageError(f"unsupported image type {type(image).__name__}")
+
+
+def _as_uint8(array: Any) -> Any:
+    """8-bit pixels from the arrays APIs receive: floats in [0, 1] (a normalised image) or [0, 255],
+    integers of any width (JSON numbers arrive as int64), booleans (a mask); values outside the
+    range are clipped."""
+    import numpy as np
+
+    array = np.asarray(array)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "f":
+        if array.size and float(np.nanmax(array)) <= 1.0:
+            array = array * 255.0
+        return np.clip(np.nan_to_num(array), 0, 255).round().astype(np.uint8)
+    if array.dtype.kind == "b":  # a mask
+        return array.astype(np.uint8) * 255
+    if array.dtype.kind in "iu":
+        return np.clip(array, 0, 255).astype(np.uint8)
+    raise ValueError(f"pixels of type {array.dtype} are not an image")
 
 
 def orient_box(box: Box, orientation: int, width: int, height: int) -> Box:

@@ -23,7 +23,11 @@ of several requests into one call, so there is no single response to carry their
 logged at debug level and a verdict on such a prediction is sent with its image (see feedback).
 
 The image argument may be a PIL image (the encoded upload is kept, not the pixels), bytes, a path,
-or a numpy HWC RGB array.
+or a numpy HWC RGB array (uint8; other integer types are clipped to 0-255, floats in [0, 1] scaled).
+
+Streaming APIs (generators) have no prediction to read and cannot be decorated: a clear TypeError
+says so when the service is defined, as it does for `@edgecatch.observe` above `@bentoml.api` or
+without its parentheses.
 """
 
 from __future__ import annotations
@@ -32,14 +36,15 @@ import functools
 import inspect
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from edgecatch.collector import Collector, get_collector
-from edgecatch.integrations.results import ResultAdapter, ResultFormatError, resolve_adapter
-from edgecatch.observation import Classification, Observation
+from edgecatch.integrations.results import ResultAdapter, resolve_adapter
+from edgecatch.observation import Classification, Detection, Observation
 
 __all__ = ["INFERENCE_ID_HEADER", "app", "observe"]
 
@@ -65,11 +70,20 @@ def observe(
     batch: the image parameter and the result are lists, one item per element (default: detected
         from the value: a list, or a 4-D array).
     """
+    if not isinstance(image, str):
+        raise TypeError("use @edgecatch.observe(...) with its parentheses (and image= naming the image "
+                        "parameter), below @bentoml.api")
     adapter = resolve_adapter(result)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         import bentoml
 
+        if not inspect.isfunction(func):
+            raise TypeError(f"@edgecatch.observe(...) decorates the API's function: put it below @bentoml.api "
+                            f"(it got {type(func).__name__})")
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(f"{func.__qualname__} streams its output: edgecatch reads a prediction from an "
+                            f"API's return value, and a stream has none. Leave this API undecorated.")
         signature = inspect.signature(func)
         names = list(signature.parameters)
         if image not in names:
@@ -80,8 +94,16 @@ def observe(
         # BentoML applies response headers only for APIs that take a context. When the API does
         # not, the wrapper's signature gains a keyword-only `ctx: bentoml.Context`: BentoML passes
         # it, leaves it out of the API's input schema, and the wrapper does not pass it on.
-        own_ctx = next((n for n in ("ctx", "context") if n in names), None)
-        ctx_name = own_ctx or "ctx"
+        own_ctx = _context_parameter(func, signature)
+        add_ctx = own_ctx is None and "ctx" not in names
+        if own_ctx is None and not add_ctx:
+            log.warning("%s has a parameter named ctx that is not a bentoml.Context: BentoML then passes the "
+                        "API no context, so its responses cannot carry %s", func.__qualname__, INFERENCE_ID_HEADER)
+
+        def context_of(kwargs: dict[str, Any]) -> Any:
+            if own_ctx is not None:
+                return kwargs.get(own_ctx)
+            return kwargs.pop("ctx", None) if add_ctx else None
 
         def image_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if image in kwargs:
@@ -91,10 +113,12 @@ def observe(
         if inspect.iscoroutinefunction(func):
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                ctx = kwargs.get(ctx_name) if own_ctx else kwargs.pop(ctx_name, None)
+                ctx = context_of(kwargs)
                 collector = get_collector()
                 if collector is None:  # disabled: the one check it costs
                     return await func(*args, **kwargs)
+                if not _started:
+                    _start(collector, mounted=False)
                 captured = watcher.capture(collector, image_of(args, kwargs))
                 try:
                     output = await func(*args, **kwargs)
@@ -108,10 +132,12 @@ def observe(
         else:
             @functools.wraps(func)
             def sync_wrapper(*args: Any, **kwargs: Any) -> Any:
-                ctx = kwargs.get(ctx_name) if own_ctx else kwargs.pop(ctx_name, None)
+                ctx = context_of(kwargs)
                 collector = get_collector()
                 if collector is None:  # disabled: the one check it costs
                     return func(*args, **kwargs)
+                if not _started:
+                    _start(collector, mounted=False)
                 captured = watcher.capture(collector, image_of(args, kwargs))
                 try:
                     output = func(*args, **kwargs)
@@ -122,7 +148,7 @@ def observe(
                 return output
 
             wrapper = sync_wrapper
-        if own_ctx is None:
+        if add_ctx:
             parameters = list(signature.parameters.values())
             ctx_parameter = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=bentoml.Context)
             if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
@@ -133,6 +159,49 @@ def observe(
         return wrapper
 
     return decorate
+
+
+_started = False
+_start_lock = threading.Lock()
+
+
+def _start(collector: Collector, *, mounted: bool) -> None:
+    """Start the collector (delivery, reloads, metrics) once per process: with the service, by
+    `app`'s lifespan; or, on a service without `app` mounted (an inner service behind
+    `bentoml.depends`), at its first request, stopped when the process exits."""
+    global _started
+    with _start_lock:
+        if not mounted and collector.state == "created":
+            log.warning("edgecatch.app is not mounted on this service: delivery starts with its first request "
+                        "and there is no feedback route here (mount it with @bentoml.asgi_app(edgecatch.app, "
+                        "path=\"/edgecatch\"))")
+            import atexit
+
+            atexit.register(collector.stop)
+        collector.start()
+        _started = True
+
+
+def _context_parameter(func: Callable[..., Any], signature: inspect.Signature) -> str | None:
+    """The parameter BentoML passes its request context to, by BentoML's own rule: `ctx` if the API
+    has one, else `context`, either unannotated or annotated `bentoml.Context`."""
+    import bentoml
+
+    parameters = signature.parameters
+    name = "ctx" if "ctx" in parameters else "context" if "context" in parameters else None
+    if name is None:
+        return None
+    annotation = parameters[name].annotation
+    if annotation is inspect.Parameter.empty or annotation is bentoml.Context:
+        return name
+    if isinstance(annotation, str):  # postponed annotations: resolved in the API's module
+        try:
+            module = inspect.getmodule(func)
+            resolved = eval(annotation, vars(module) if module else {})  # as typing.get_type_hints does
+        except Exception:
+            return None
+        return name if resolved is bentoml.Context else None
+    return None
 
 
 class _Watcher:
@@ -182,8 +251,17 @@ class _Watcher:
     def _watch_one(self, collector: Collector, inference_id: str, image: Any, output: Any) -> None:
         try:
             prediction = self.adapter(output)
-        except ResultFormatError as exc:
-            collector.count_unparsed("result", detail=str(exc))
+        except Exception as exc:  # ResultFormatError from ours; anything from a custom adapter
+            collector.count_unparsed("result", detail=f"{type(exc).__name__}: {exc}")
+            return
+        detections: tuple[Detection, ...] = ()
+        if isinstance(prediction, Classification):
+            pass
+        elif isinstance(prediction, (tuple, list)) and all(isinstance(d, Detection) for d in prediction):
+            detections = tuple(prediction)
+        else:
+            collector.count_unparsed("result", detail=f"the result adapter returned {type(prediction).__name__}, "
+                                     "not Detection items or a Classification")
             return
         kept, width, height = _keepable_image(image)
         if kept is None:
@@ -193,7 +271,7 @@ class _Watcher:
             model_version=self.model_version,
             image_width=width,
             image_height=height,
-            detections=prediction if isinstance(prediction, tuple) else (),
+            detections=detections,
             classification=prediction if isinstance(prediction, Classification) else None,
             inference_id=inference_id,
             timestamp=time.time(),
@@ -313,7 +391,7 @@ def _make_app() -> Any:
     async def lifespan(_app: Starlette):
         collector = get_collector()
         if collector is not None:
-            collector.start()
+            _start(collector, mounted=True)
         try:
             yield
         finally:

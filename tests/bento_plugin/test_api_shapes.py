@@ -90,6 +90,55 @@ def test_class_scores_and_custom_adapter(service, unique_jpeg):
         assert (service.workdir / "dataset" / sample["image"]).exists()
 
 
+def test_custom_adapters_results_and_failures(service, unique_jpeg):
+    with service.client() as client:
+        listed = client.post("/detect_listed", files={"image": ("l.jpg", unique_jpeg("coffee"), "image/jpeg")})
+        broken = [client.post("/detect_broken", files={"image": ("b.jpg", unique_jpeg("coins"), "image/jpeg")})
+                  for _ in range(2)]
+    assert listed.status_code == 200 and all(b.status_code == 200 and b.json() == {"what": "cat"} for b in broken)
+    inference_id = listed.headers["x-edgecatch-inference-id"]
+    (sample,) = wait_for(lambda: [e for e in manifest(service) if e["inference_id"] == inference_id])
+    assert [(d["class"], d["box"]) for d in sample["detections"]] == [("cat", [0.0, 0.0, 8.0, 8.0])]
+    # an adapter that raises: the API's answer as is, counted as an unreadable result, logged once
+    assert wait_for(lambda: service.metric("edgecatch_unparsed_total", {"reason": "result"}) >= 2)
+    assert service.log().count("KeyError") <= 1  # once per reason, not a traceback per request
+
+
+def test_numpy_image_sent_as_json_numbers(service):
+    pixels = [[[(x * 20) % 256, (y * 30) % 256, 128] for x in range(12)] for y in range(10)]
+    with service.client() as client:
+        response = client.post("/detect_array", json={"pixels": pixels})
+    assert response.status_code == 200
+    inference_id = response.headers["x-edgecatch-inference-id"]
+    (sample,) = wait_for(lambda: [e for e in manifest(service) if e["inference_id"] == inference_id])
+    assert (sample["width"], sample["height"]) == (12, 10)
+    assert (service.workdir / "dataset" / sample["image"]).exists()
+
+
+def test_a_parameter_named_context_that_is_not_bentomls(service, unique_jpeg):
+    with service.client() as client:
+        response = client.post("/detect_with_context", data={"context": "dog"},
+                               files={"image": ("c.jpg", unique_jpeg("horse"), "image/jpeg")})
+    assert response.status_code == 200 and response.json()[0]["class"] == "dog"
+    assert response.headers["x-edgecatch-inference-id"]
+
+
+def test_a_service_without_the_feedback_app_still_delivers(tmp_path, unique_jpeg):
+    config_path, policy_path = write_config(tmp_path, POLICY, delivery={"sink": {"type": "directory",
+                                                                                  "path": str(tmp_path / "ds")}})
+    server = start_bento("tests.bento_plugin.extra_service:Unmounted", tmp_path, config_path, policy_path, env={})
+    try:
+        with server.client() as client:
+            response = client.post("/detect", files={"image": ("u.jpg", unique_jpeg("rocket"), "image/jpeg")})
+        assert response.status_code == 200
+        inference_id = response.headers["x-edgecatch-inference-id"]
+        manifest_path = tmp_path / "ds" / "manifest.jsonl"
+        assert wait_for(lambda: manifest_path.exists() and inference_id in manifest_path.read_text())
+        assert "edgecatch.app is not mounted on this service" in server.log()
+    finally:
+        stop_bento(server)
+
+
 def test_disabled_costs_nothing_and_changes_nothing(tmp_path, unique_jpeg):
     config_path, policy_path = write_config(tmp_path, POLICY, delivery={"sink": {"type": "directory",
                                                                                   "path": str(tmp_path / "ds")}})

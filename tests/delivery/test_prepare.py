@@ -89,6 +89,20 @@ def test_small_images_are_not_enlarged_and_png_rgba_becomes_jpeg():
     assert (pil_prepared.width, pil_prepared.height) == (10, 20)
 
 
+@pytest.mark.parametrize("pixels, expected", [
+    (np.full((4, 6, 3), 200, dtype=np.int64), 200),       # JSON numbers arrive as int64
+    (np.full((4, 6, 3), 300, dtype=np.int32), 255),       # clipped
+    (np.full((4, 6, 3), 0.5, dtype=np.float32), 128),     # a normalised image, [0, 1]
+    (np.full((4, 6, 3), 100.0, dtype=np.float64), 100),   # floats already in [0, 255]
+    (np.full((4, 6), True), 255),                         # a mask
+])
+def test_arrays_of_other_types_become_8_bit_images(pixels, expected):
+    prepared, _ = prepare_image(pixels, max_size=100, jpeg_quality=100)
+    assert (prepared.width, prepared.height) == (6, 4)
+    value = Image.open(io.BytesIO(prepared.data)).convert("L").getpixel((3, 2))
+    assert abs(value - expected) <= 3, value
+
+
 @pytest.mark.parametrize("bad", [b"not an image", b"", object()])
 def test_undecodable_images_raise_image_error(bad):
     with pytest.raises(ImageError):
