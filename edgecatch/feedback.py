@@ -32,7 +32,7 @@ from edgecatch.records import DetectionRecord
 if TYPE_CHECKING:
     from edgecatch.collector import Collector
 
-__all__ = ["FeedbackAnswer", "FeedbackRequest", "handle_feedback"]
+__all__ = ["MAX_JSON_BYTES", "FeedbackAnswer", "FeedbackRequest", "answer_before_reading", "handle_feedback"]
 
 
 class CorrectedLabels(BaseModel):
@@ -101,6 +101,25 @@ def _image_problem(image: Any) -> str | None:
             opened.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return "'image' is not an image that can be read (JPEG, PNG, ...)"
+    return None
+
+
+MAX_JSON_BYTES = 1024 * 1024  # a verdict with corrected labels is a few KB
+
+
+def answer_before_reading(collector: Collector, authorization: str | None, content_length: str | None,
+                          multipart: bool) -> FeedbackAnswer | None:
+    """401 or 413 from the headers alone, before a byte of the body is read: a client without the
+    token, or with a body larger than the route takes, must not make the service hold it first."""
+    if not authorized(collector.feedback_token, authorization):
+        return _error(401, "missing or wrong bearer token")
+    limit = collector.max_feedback_image_bytes + MAX_JSON_BYTES if multipart else MAX_JSON_BYTES
+    try:
+        too_large = content_length is not None and int(content_length) > limit
+    except ValueError:
+        return _error(400, "Content-Length is not a number")
+    if too_large:
+        return _error(413, f"body larger than {limit} bytes")
     return None
 
 

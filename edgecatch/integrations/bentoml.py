@@ -366,26 +366,43 @@ def _make_app() -> Any:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from edgecatch.feedback import handle_feedback
+    from edgecatch.feedback import MAX_JSON_BYTES, answer_before_reading, handle_feedback
+
+    def respond(answer: Any) -> JSONResponse:
+        return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
 
     async def feedback(request: Request) -> JSONResponse:
         collector = get_collector()
         if collector is None:
             return JSONResponse({"error": "edgecatch is disabled"}, status_code=503)
         content_type = request.headers.get("content-type", "")
+        multipart = content_type.startswith("multipart/form-data")
+        authorization = request.headers.get("authorization")
+        early = answer_before_reading(collector, authorization, request.headers.get("content-length"), multipart)
+        if early is not None:
+            return respond(early)
         form = None
         body = b""
-        if content_type.startswith("multipart/form-data"):
-            async with request.form(max_part_size=collector.max_feedback_image_bytes + 1) as parsed:
-                form = {}
-                for key, value in parsed.multi_items():
-                    form[key] = await value.read() if hasattr(value, "read") else value
+        if multipart:
+            try:
+                async with request.form(max_part_size=collector.max_feedback_image_bytes + 1) as parsed:
+                    form = {}
+                    for key, value in parsed.multi_items():
+                        form[key] = await value.read() if hasattr(value, "read") else value
+            except Exception as exc:  # Starlette's own errors are plain text: answer in the route's JSON
+                return JSONResponse({"error": f"malformed multipart body: {getattr(exc, 'detail', exc)}"},
+                                    status_code=400)
         else:
-            body = await request.body()
+            chunks = bytearray()
+            async for chunk in request.stream():  # a body without Content-Length is capped as it comes
+                chunks += chunk
+                if len(chunks) > MAX_JSON_BYTES:
+                    return JSONResponse({"error": f"body larger than {MAX_JSON_BYTES} bytes"}, status_code=413)
+            body = bytes(chunks)
         answer = await collector.run_in_background(
-            handle_feedback, collector, body=body, content_type=content_type,
-            authorization=request.headers.get("authorization"), form=form)
-        return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
+            handle_feedback, collector, body=body, content_type=content_type, authorization=authorization,
+            form=form)
+        return respond(answer)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette):

@@ -185,6 +185,36 @@ def test_feedback_end_to_end(service, upload_api, sample_jpegs, unique_jpeg):
     assert "feedback-correct" in right[0].params["tag"]
 
 
+def _answer_to_a_huge_body(service, headers: str) -> bytes:
+    """The answer to a request announcing 10 GB of which a byte is sent: only a route that answers
+    from the headers alone answers at all."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(service.url)
+    with socket.create_connection((url.hostname, url.port), timeout=20) as sock:
+        sock.sendall(b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n"
+                     + headers.encode() + b"\r\n{")
+        return sock.recv(65536)
+
+
+def test_feedback_refuses_from_the_headers_and_answers_errors_in_json(service):
+    auth = f"Authorization: Bearer {FEEDBACK_TOKEN}\r\n"
+    assert _answer_to_a_huge_body(service, "Content-Type: application/json\r\n").startswith(b"HTTP/1.1 401")
+    assert _answer_to_a_huge_body(service, auth + "Content-Type: application/json\r\n").startswith(b"HTTP/1.1 413")
+    assert _answer_to_a_huge_body(service, auth + "Content-Type: multipart/form-data; boundary=x\r\n").startswith(
+        b"HTTP/1.1 413")
+    with service.client() as client:
+        broken = client.post("/edgecatch/feedback", content=b"--x\r\nnot a part",
+                             headers={"Authorization": f"Bearer {FEEDBACK_TOKEN}",
+                                      "Content-Type": "multipart/form-data; boundary=x"})
+        assert broken.status_code == 400 and "malformed multipart" in broken.json()["error"]
+        lowercase = client.post("/edgecatch/feedback", json={"inference_id": "w1-0123456789abcdef",
+                                                              "verdict": "correct"},
+                                headers={"Authorization": f"bearer {FEEDBACK_TOKEN}"})
+        assert lowercase.status_code == 404
+
+
 def test_metrics_on_bentomls_own_endpoint(service, sample_jpegs):
     before = service.metric("edgecatch_predictions_total", {"model": "people-detector"})
     with service.client() as client:

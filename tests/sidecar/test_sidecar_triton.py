@@ -775,6 +775,15 @@ def test_feedback_by_inference_id(triton, sidecar, dataset, images, port):
     assert [d["class"] for d in entry["detections"]] == ["person", "face", "person"]
 
 
+def test_admin_feedback_refuses_an_oversized_body_from_its_headers(sidecar):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", sidecar.admin_port), timeout=20) as sock:
+        sock.sendall(b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 10000000000\r\n\r\n{")  # 10 GB announced, a byte sent
+        assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+
+
 def test_metrics_and_health(triton, sidecar):
     admin = f"127.0.0.1:{sidecar.admin_port}"
     assert metric(sidecar, "edgecatch_predictions_total", model="trivial-detector") > 0

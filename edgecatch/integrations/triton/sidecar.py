@@ -330,6 +330,14 @@ class Sidecar:
     async def _admin_local(self, request):
         from aiohttp import web
 
+        if request.method == "POST" and request.path == "/edgecatch/feedback":
+            from edgecatch.feedback import answer_before_reading
+
+            early = answer_before_reading(
+                self.collector, request.headers.get("Authorization"), request.headers.get("Content-Length"),
+                request.content_type == "multipart/form-data")
+            if early is not None:  # before reading the body
+                return web.json_response(early.body, status=early.status, headers=early.headers)
         body = await request.read()
         headers = list(request.raw_headers)  # (bytes, bytes) pairs as received
         answer = await self._local(request.method.encode(), request.raw_path.encode(), headers, body)
