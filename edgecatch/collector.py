@@ -362,6 +362,9 @@ class Collector:
             self._worker_tag = _base36(self._pid)
             self.delivery.start()
             self.policies.start()
+            check_limiter = getattr(self.limiter, "check_now", None)  # a shared limiter: up or not?
+            if check_limiter is not None:
+                check_limiter()
             self._tally.buffered = True
             ready = threading.Event()
             self._thread = threading.Thread(target=self._run_loop, args=(ready,), name="edgecatch-collector",

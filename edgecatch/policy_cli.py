@@ -103,7 +103,7 @@ def run_replay(args: argparse.Namespace) -> int:
             on_decision = (lambda n, o, d: out.write(decision_record(n, o, d) + "\n")) if out else None
             try:
                 result = replay(document, read_records(args.predictions, bar.update),
-                                seed=args.seed, on_decision=on_decision)
+                                seed=args.seed, on_decision=on_decision, source=str(args.predictions))
             except RecordError as exc:
                 raise CommandError(str(exc)) from None
     finally:

@@ -12,15 +12,18 @@ A classification gives `"classification": {"cat": 0.7, "dog": 0.3}` instead of `
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgecatch.observation import Classification, Detection, Observation, Verdict
 
 __all__ = ["DetectionRecord", "PredictionRecord"]
 
-NonNegative = Annotated[float, Field(ge=0.0)]
+# Seconds since the epoch up to 9999-12-31T23:59:59Z: a millisecond timestamp (a common mistake)
+# is refused with the line it is on, not found when a sample's batch name is made from it.
+MAX_EPOCH_SECONDS = 253_402_300_799.0
+EpochSeconds = Annotated[float, Field(ge=0.0, le=MAX_EPOCH_SECONDS, allow_inf_nan=False)]
 
 
 class _Record(BaseModel):
@@ -50,7 +53,7 @@ class DetectionRecord(_Record):
 
 
 class PredictionRecord(_Record):
-    timestamp: datetime | NonNegative
+    timestamp: datetime | EpochSeconds
     model: str = Field(min_length=1)
     model_version: str = ""
     image: ImageSize | None = None
@@ -58,6 +61,20 @@ class PredictionRecord(_Record):
     classification: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] | None = None
     feedback: Verdict | None = None
     inference_id: str = ""
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _seconds_or_iso_time(cls, value: Any) -> Any:
+        # A number is seconds (the datetime branch would take -5 or 1e15 as a time, and true as 1).
+        if isinstance(value, bool):
+            raise ValueError("expected seconds since the epoch or an ISO 8601 time, got a boolean")
+        if isinstance(value, (int, float)):
+            if not 0.0 <= value <= MAX_EPOCH_SECONDS:  # also NaN
+                hint = ("milliseconds? divide by 1000" if MAX_EPOCH_SECONDS < value <= MAX_EPOCH_SECONDS * 1000
+                        else f"from 0 to {MAX_EPOCH_SECONDS:.0f}")
+                raise ValueError(f"{value!r} is not seconds since the epoch ({hint})")
+            return float(value)
+        return value
 
     @model_validator(mode="after")
     def _one_kind_of_prediction(self) -> PredictionRecord:

@@ -23,6 +23,9 @@ from edgecatch.records import PredictionRecord
 __all__ = ["PolicyStats", "RecordError", "ReplayResult", "read_records", "replay"]
 
 
+_CLOCK_SLACK_SECONDS = 1.0  # merged logs of replicas whose clocks differ a little are still in order
+
+
 class RecordError(ValueError):
     """A bad line in a predictions file; the message names the file and the line."""
 
@@ -94,11 +97,22 @@ def replay(
     *,
     seed: int | None = None,
     on_decision: Callable[[int, Observation, Decision], None] | None = None,
+    source: str = "predictions",
 ) -> ReplayResult:
+    """Run recorded predictions through the policies, in the order of their timestamps: the limits
+    count selections in rolling windows of that clock, so a record earlier than the one before it
+    (logs of several replicas concatenated) is an error, not a silently different result."""
     policies = PolicySet(document, state=EngineState(rng=random.Random(seed)))
     result = ReplayResult(policies={name: PolicyStats() for name in policies.policy_names})
+    previous = (0, float("-inf"))
     for number, observation in records:
         now = observation.timestamp
+        if now < previous[1] - _CLOCK_SLACK_SECONDS:
+            raise RecordError(
+                f"{source}:{number}: timestamp {now:.3f} is {previous[1] - now:.1f} s before line {previous[0]}'s: "
+                "records must be in time order (sort them, e.g. jq -s -c 'sort_by(.timestamp)[]')")
+        if now > previous[1]:
+            previous = (number, now)
         result.records += 1
         if observation.feedback is None:
             result.predictions += 1

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "policies" / "examples"
 
@@ -86,6 +88,29 @@ def test_replay_bad_record_names_the_line(tmp_path):
     result = edgecatch("replay", str(policy), str(records))
     assert result.returncode == 1
     assert "r.jsonl:1: give exactly one of 'detections' (a list, may be empty) and 'classification'" in result.stderr
+
+
+@pytest.mark.parametrize("timestamp, problem", [
+    (1795162000500, "is not seconds since the epoch (milliseconds? divide by 1000)"),
+    (-5, "is not seconds since the epoch (from 0 to 253402300799)"),
+    (1e300, "is not seconds since the epoch (from 0 to 253402300799)"),
+    (True, "expected seconds since the epoch or an ISO 8601 time, got a boolean"),
+])
+def test_replay_refuses_timestamps_that_are_not_seconds(tmp_path, timestamp, problem):
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"timestamp": timestamp, "model": "m", "detections": []}) + "\n")
+    result = edgecatch("replay", str(EXAMPLES / "packages.yaml"), str(records))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "r.jsonl:1: timestamp: " in result.stderr and problem in result.stderr
+
+
+def test_replay_refuses_records_out_of_time_order(tmp_path):
+    records = tmp_path / "r.jsonl"
+    stamps = [100.0, 100.5, 99.8, 0.0]  # within a second of the latest is clock skew, not disorder
+    records.write_text("".join(json.dumps({"timestamp": t, "model": "m", "detections": []}) + "\n" for t in stamps))
+    result = edgecatch("replay", str(EXAMPLES / "packages.yaml"), str(records))
+    assert result.returncode == 1
+    assert "r.jsonl:4: timestamp 0.000 is 100.5 s before line 2's: records must be in time order" in result.stderr
 
 
 def test_replay_missing_files_are_clear_errors(tmp_path):

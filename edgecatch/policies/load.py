@@ -83,8 +83,14 @@ def load_model_text(model: type[M], text: str, source: str) -> M:
         line = mark.line + 1 if mark is not None else None
         problem = " ".join(p for p in (exc.context, exc.problem) if p) or "invalid YAML"
         raise ConfigError([ConfigProblem(source, line, "", f"invalid YAML: {problem}")]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (a NUL, a control code)
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConfigError([ConfigProblem(
+            source, line, "", f"invalid YAML: {exc.reason} (#x{code:04x})")]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([ConfigProblem(source, None, "", f"invalid YAML: {exc}")]) from None
+        message = " ".join(str(exc).split())  # one line, whatever the parser wrote
+        raise ConfigError([ConfigProblem(source, None, "", f"invalid YAML: {message}")]) from None
     if root is None:
         raise ConfigError([ConfigProblem(source, 1, "", "the document is empty")])
     duplicates = list(_duplicate_keys(root, (), source))

@@ -213,6 +213,20 @@ class RedisLimiter:
                 return sent[index] if index >= 0 else -1
         return self._decide_locally(candidates, global_windows, now)
 
+    def check_now(self) -> None:
+        """One round trip, when the service starts (off the request path): availability is known from
+        the start, not from the first selection, which a quiet service may not make for hours."""
+        if not self._available:
+            return
+        try:
+            self._script(keys=(), args=(0, "", 0, 0))  # no keys: a round trip that also loads the script
+        except self._errors as exc:
+            self._went_down(exc)
+            return
+        if not self._announced:
+            self._announced = True
+            self._emit("available")
+
     def _plan(self, key: tuple[Candidates, Windows]) -> _Plan:
         candidates, global_windows = key
         keys = [f"{self._prefix}g:{seconds:g}" for seconds, _ in global_windows]

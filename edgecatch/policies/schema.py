@@ -11,7 +11,7 @@ silently turn a policy into "always".
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -93,7 +93,7 @@ class Condition(_Strict):
         None, description="Holds with this probability, drawn independently per prediction.")
     every_nth: PositiveCount | None = Field(
         None, description="Holds for every Nth prediction that reaches it, counted per policy and model.")
-    classes: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
+    classes: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)] | None = Field(
         None, description="Detections: only these classes count. Classification: the top class is one of these.")
     confidence_below: Probability | None = None
     confidence_above: Probability | None = None
@@ -122,7 +122,24 @@ class Condition(_Strict):
     def _not_empty(cls, value: list[Condition] | None) -> list[Condition] | None:
         if value is not None and not value:
             raise ValueError("needs at least one condition block")
+        if value is not None and any(not block.has_conditions() for block in value):
+            raise ValueError("a condition block needs at least one condition (an empty one always holds)")
         return value
+
+    @field_validator("not_")
+    @classmethod
+    def _not_has_conditions(cls, value: Condition | None) -> Condition | None:
+        if value is not None and not value.has_conditions():
+            raise ValueError("a condition block needs at least one condition (an empty one always holds)")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spelled_as_in_files(cls, data: Any) -> Any:
+        # populate_by_name lets code build blocks with not_=...; in a file the key is `not`.
+        if isinstance(data, dict) and "not_" in data:
+            raise PydanticCustomError("python_name", "unknown key 'not_' (did you mean 'not'?)")
+        return data
 
     def has_conditions(self) -> bool:
         return any(
@@ -137,14 +154,14 @@ class Policy(Condition):
 
     name: Name
     description: str | None = None
-    models: list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(
+    models: Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)] | None = Field(
         None, description="Glob patterns on the model name (default: every model).")
     feedback: Verdict | None = Field(
         None, description="Match only feedback events with this verdict (other policies never match them).")
     sample: Probability = Field(1.0, description="Keep this fraction of the matches.")
     limits: Limits | None = None
     tags: list[Tag] = Field(default_factory=list)
-    enabled: bool = True
+    enabled: Annotated[bool, Field(strict=True)] = True
 
     @model_validator(mode="after")
     def _has_a_condition(self) -> Policy:
@@ -165,6 +182,13 @@ class PolicyDocument(_Strict):
     image: ImageSettings = Field(default_factory=ImageSettings)
     limits: Limits | None = Field(None, description="Global budget shared by all policies.")
     policies: list[Policy]
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_the_number_1(cls, value: Any) -> Any:
+        if type(value) is not int:  # true, 1.0 or "1" would pass as 1: a mistake to report
+            raise PydanticCustomError("literal_error", "Input should be 1")
+        return value
 
     @field_validator("batch")
     @classmethod

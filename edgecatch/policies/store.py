@@ -76,8 +76,13 @@ class PolicyStore:
             self._failed(ConfigError.from_message(str(self.path), f"cannot read: {exc.strerror or exc}"))
             return False
         digest = hashlib.sha256(text.encode()).hexdigest()
-        if digest == self._digest:
-            return False  # touched, or rewritten with the same content
+        if digest == self._digest:  # touched, or rewritten with the same content
+            if self.last_error is not None:  # a broken edit undone: the file is good again
+                self.last_error = None
+                log.info("%s is back to the policies in force", self.path)
+                if self._on_reload:
+                    self._on_reload("success")
+            return False
         try:
             document = load_policy_file(self.path)
         except ConfigError as exc:

@@ -25,7 +25,7 @@ from edgecatch.config import EdgecatchConfig, LimitsConfig
 from edgecatch.policies import MemoryLimiter
 from edgecatch.policies.load import ConfigError, load_model_text
 from edgecatch.policies.redis_limiter import RedisLimiter, build_limiter, redact_url, scale_windows
-from tests.redis_server import RedisServer
+from tests.redis_server import RedisServer, free_port
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -502,6 +502,16 @@ def test_a_hanging_redis_costs_one_timeout_then_is_not_asked_until_the_retry():
 
 
 # -- configuration --------------------------------------------------------------------------------
+
+
+def test_availability_is_known_from_the_start_not_from_the_first_selection(make_limiter, server):
+    events = []
+    make_limiter(on_event=events.append).check_now()
+    assert events == ["available"]
+    down = []
+    unreachable = make_limiter(f"redis://127.0.0.1:{free_port()}/0", on_event=down.append, retry_seconds=60)
+    unreachable.check_now()
+    assert down == ["unavailable"] and not unreachable.available
 
 
 def test_scaled_budgets_round_down_but_keep_at_least_one():

@@ -93,6 +93,20 @@ def test_invalid_reload_keeps_the_last_good_policies_and_logs(store, outcomes, c
     assert outcomes == ["failure", "success"]
 
 
+@pytest.mark.parametrize("how", ["undone", "deleted and restored"])
+def test_a_broken_edit_undone_clears_the_failure(store, outcomes, how):
+    good = store.current
+    if how == "undone":
+        write(store.path, BROKEN)
+    else:
+        store.path.unlink()
+    assert store.check() is False and store.last_error is not None
+    write(store.path, GOOD)  # the very text in force: nothing to swap in, but the alarm must clear
+    assert store.check() is False
+    assert store.current is good and store.last_error is None
+    assert outcomes == ["failure", "success"]
+
+
 def test_deleted_file_keeps_the_last_good_policies(store, outcomes):
     good = store.current
     store.path.unlink()

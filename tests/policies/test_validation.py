@@ -63,6 +63,19 @@ def test_every_shipped_policy_file_is_valid(repo_root):
          "p.yaml:5: policies[0].limits.per_hour: Input should be greater than or equal to 0"),
         ("    random: 0.1\n    limits: {per_week: 1}\n",
          "p.yaml:5: policies[0].limits.per_week: unknown key 'per_week'"),
+        # what the JSON Schema refuses, validate refuses too: no coercion, no Python spellings
+        ("    random: 0.1\n    enabled: 'no'\n", "p.yaml:5: policies[0].enabled: Input should be a valid boolean"),
+        ("    random: 0.1\n    enabled: 0\n", "p.yaml:5: policies[0].enabled: Input should be a valid boolean"),
+        ("    not_: {random: 0.5}\n", "p.yaml:3: policies[0]: unknown key 'not_' (did you mean 'not'?)"),
+        # blocks and lists that hold always, or never
+        ("    any_of: [{}]\n", "p.yaml:4: policies[0].any_of: a condition block needs at least one condition "
+                              "(an empty one always holds)"),
+        ("    not: {}\n", "p.yaml:4: policies[0].not: a condition block needs at least one condition "
+                         "(an empty one always holds)"),
+        ("    classes: []\n    random: 1.0\n", "p.yaml:4: policies[0].classes: List should have at least 1 item "
+                                               "after validation, not 0"),
+        ("    models: []\n    random: 1.0\n", "p.yaml:4: policies[0].models: List should have at least 1 item "
+                                              "after validation, not 0"),
     ],
 )
 def test_policy_errors_name_line_and_path(body, expected):
@@ -113,6 +126,17 @@ def test_missing_keys_and_non_mapping_documents():
     assert problems("policies: []\n") == ["p.yaml:1: version: Field required"]
     assert problems("- a\n- b\n") == ["p.yaml:1: the document must be a mapping"]
     assert problems("") == ["p.yaml:1: the document is empty"]
+
+
+@pytest.mark.parametrize("version", ["true", "1.0", "'1'"])
+def test_the_version_is_the_number_1(version):
+    assert problems(f"version: {version}\npolicies:\n  - name: p\n    random: 1.0\n") == [
+        "p.yaml:1: version: Input should be 1"]
+
+
+def test_a_character_yaml_refuses_is_one_line_with_its_line():
+    assert problems("version: 1\npolicies:\n  - name: p\n    random: 1.0\n    tags: [\"\x00\"]\n") == [
+        "p.yaml:5: invalid YAML: special characters are not allowed (#x0000)"]
 
 
 def test_yaml_syntax_error_has_a_line():
