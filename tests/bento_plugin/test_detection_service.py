@@ -7,7 +7,6 @@ import io
 import json
 import re
 import textwrap
-import time
 
 import bentoml
 import httpx
@@ -126,9 +125,9 @@ def test_selected_predictions_reach_the_upload_api_with_their_pre_labels(service
         (stored,) = uploads_for(upload_api, inference_id)
         name, detections = sent[inference_id]
         annotation = json.loads(stored.annotation["text"])
-        from PIL import Image
+        import PIL.Image
 
-        width, height = Image.open(io.BytesIO(stored.data)).size
+        width, height = PIL.Image.open(io.BytesIO(stored.data)).size
         assert annotation["image"] == {"width": width, "height": height}
         # The shipped images are at most 1280 px, so the boxes are the model's, as centre + size.
         got = sorted((p["class"], round(p["x"]), round(p["y"]), round(p["width"]), round(p["height"]))

@@ -7,7 +7,6 @@ import collections
 import io
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import redis  # noqa: F401  (the test extra installs it; a missing client is a failure, not a skip)
 from PIL import Image
 
