@@ -53,6 +53,8 @@ from dataclasses import dataclass
 
 import hpack
 
+from edgecatch.integrations.triton.stopping import close_gracefully
+
 __all__ = ["GrpcExchange", "GrpcProxy", "INFERENCE_ID_KEY"]
 
 log = logging.getLogger("edgecatch.sidecar.grpc")
@@ -107,6 +109,19 @@ def _model_name(message: bytes) -> str | None:
         return None
 
 
+def _varint(message: bytes | memoryview, offset: int) -> tuple[int, int]:
+    """A protobuf varint at `offset`: (its value, the offset after it)."""
+    value, shift, size = 0, 0, len(message)
+    while offset < size:
+        byte = message[offset]
+        offset += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            break
+    return value, offset
+
+
 def _name_and_id(message: bytes | memoryview) -> tuple[bytes, bytes]:
     """`model_name` and `id` of a serialised ModelInferRequest or ModelInferResponse (fields 1 and 3
     of both, strings, written first and in order; field 2 is the version). Empty when absent."""
@@ -117,14 +132,7 @@ def _name_and_id(message: bytes | memoryview) -> tuple[bytes, bytes]:
         number = tag >> 3
         if tag & 7 != 2 or not 1 <= number <= 3:
             break  # past the leading strings: the rest is tensors
-        length, shift, offset = 0, 0, offset + 1
-        while offset < size:
-            byte = message[offset]
-            offset += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
+        length, offset = _varint(message, offset + 1)
         fields[number - 1] = bytes(message[offset:offset + length])
         offset += length
     return fields[0], fields[2]
@@ -135,14 +143,7 @@ def _stream_response_name_and_id(message: bytes) -> tuple[bytes, bytes] | None:
     error answer (field 1, `error_message`, first)."""
     if not message or message[0] != 0x12:
         return None
-    offset, length, shift = 1, 0, 0
-    while offset < len(message):
-        byte = message[offset]
-        offset += 1
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            break
+    length, offset = _varint(message, 1)
     return _name_and_id(memoryview(message)[offset:offset + length])
 
 
@@ -232,18 +233,7 @@ class GrpcProxy:
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting connections; let the calls in progress finish (for up to `grace` seconds,
         no new call starting), then close every connection."""
-        loop = asyncio.get_running_loop()
-        if self._server is not None:
-            self._server.close()
-        for connection in list(self._connections):
-            connection.finish()
-        deadline = loop.time() + grace
-        while self._connections and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for connection in list(self._connections):
-            connection.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        await close_gracefully(self._server, self._connections, grace)
 
 
 class _Downstream(asyncio.Protocol):
@@ -314,6 +304,13 @@ class _Downstream(asyncio.Protocol):
             self.transport.close()
         if self.upstream is not None:
             self.upstream.transport.close()
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.transport.abort()
+        if self.upstream is not None:
+            self.upstream.transport.abort()
 
     def finish(self) -> None:
         """Stopping: no new call on this connection; close it once the calls in progress are done."""

@@ -28,6 +28,8 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from edgecatch.integrations.triton.stopping import close_gracefully
+
 __all__ = ["Exchange", "HttpProxy", "LocalResponse"]
 
 log = logging.getLogger("edgecatch.sidecar.http")
@@ -153,20 +155,9 @@ class HttpProxy:
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting connections, answer the requests already read (for up to `grace` seconds:
         no new ones are read), then close every connection."""
-        loop = asyncio.get_running_loop()
-        if self._server is not None:
-            self._server.close()
-        for client in list(self._clients):
-            client.finish()
-        deadline = loop.time() + grace
-        while self._clients and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for client in list(self._clients):
-            client.abort()
+        await close_gracefully(self._server, self._clients, grace)
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._server is not None:
-            await self._server.wait_closed()
         while self._idle:
             self._idle.popleft().transport.close()
 
