@@ -53,6 +53,7 @@ class Fault:
     times: int | None = None
     delay: float = 0.0
     retry_after: str | None = None
+    sample: str | None = None  # only requests that carry this sample id (in the body or the URL)
 
 
 @dataclass
@@ -144,11 +145,11 @@ class UploadApiServer:
     # -- switches ----------------------------------------------------------------------------------
 
     def fault(self, kind: str, *, step: str = "any", times: int | None = None, delay: float = 0.0,
-              retry_after: str | None = None) -> None:
+              retry_after: str | None = None, sample: str | None = None) -> None:
         assert kind in ("slow", "hang", "500", "502", "429", "400", "401", "duplicate"), kind
         assert step in ("upload", "annotate", "any"), step
         with self.lock:
-            self.faults.append(Fault(kind, step, times, delay, retry_after))
+            self.faults.append(Fault(kind, step, times, delay, retry_after, sample))
 
     def clear(self) -> None:
         with self.lock:
@@ -157,10 +158,10 @@ class UploadApiServer:
         time.sleep(0.1)
         self._release.clear()
 
-    def _take_fault(self, step: str) -> Fault | None:
+    def _take_fault(self, step: str, request: bytes = b"") -> Fault | None:
         with self.lock:
             for fault in self.faults:
-                if fault.step in (step, "any"):
+                if fault.step in (step, "any") and (fault.sample is None or fault.sample.encode() in request):
                     if fault.times is not None:
                         fault.times -= 1
                         if fault.times <= 0:
@@ -305,7 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
         with api.lock:
             api.in_flight[step] += 1
         try:
-            fault = api._take_fault(step)
+            fault = api._take_fault(step, self.path.encode() + body)
             if fault is not None and fault.kind == "slow":
                 api._release.wait(fault.delay)
                 fault = None

@@ -60,6 +60,8 @@ def _open(args: argparse.Namespace):
         spool_dir = spool_dir or config.spool_dir
     if not Path(spool_dir).is_dir():
         raise CommandError(f"no spool at {spool_dir}")
+    if not (Path(spool_dir) / "FORMAT").is_file():  # opening it would turn any folder into a spool
+        raise CommandError(f"{spool_dir} is not an edgecatch spool (it has no FORMAT file)")
     # A private registry: this command's view must not touch a serving process's metrics.
     return Spool(spool_dir, max_bytes=config.max_bytes if config else 2**62,
                  max_items=config.max_items if config else 2**62, metrics=Metrics(CollectorRegistry())).open()

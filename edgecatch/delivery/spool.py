@@ -150,8 +150,12 @@ def _write_file(path: Path, data: bytes) -> None:
 def _atomic_write(tmp_dir: Path, target: Path, data: bytes) -> None:
     """Write beside, fsync, rename over `target`, fsync the target's folder."""
     tmp = tmp_dir / f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-    _write_file(tmp, data)
-    os.replace(tmp, target)
+    try:
+        _write_file(tmp, data)
+        os.replace(tmp, target)
+    except OSError:
+        _unlink_quiet(tmp)  # a full disk must not also leave half-written files behind
+        raise
     _fsync_dir(target.parent)
 
 
@@ -213,9 +217,14 @@ class Claim:
         """Delivered: remove the entry (then its state), then unlock."""
         self._spool._finish(self, remove=True)
 
-    def release(self) -> None:
-        """Not delivered now: unlock; the entry stays for a later attempt."""
+    def release(self, behind_others_for: float = 0.0) -> None:
+        """Not delivered now: unlock; the entry stays for a later attempt. `behind_others_for`
+        (seconds): meanwhile the others are claimed first, so a sample the destination keeps
+        failing does not hold back those behind it."""
         self._spool._finish(self, remove=False)
+        if behind_others_for > 0:
+            with self._spool._lock:
+                self._spool._busy_elsewhere[self.name] = time.monotonic() + behind_others_for
 
     def dead_letter(self, reason: str, answer: dict) -> None:
         """Rejected for good: move to dead/ with the destination's answer (already redacted) beside it."""
@@ -240,6 +249,7 @@ class Spool:
         self._bytes = 0
         self._claimed: set[str] = set()
         self._busy_elsewhere: dict[str, float] = {}
+        self._unusable_logged: set[str] = set()
         self._last_scan = 0.0
         self._overflow_logged = -1e9
         self._overflow_count = 0
@@ -286,6 +296,9 @@ class Spool:
             if not name.endswith(ENTRY_SUFFIX):
                 continue
             try:
+                if not entry.is_file(follow_symlinks=False):
+                    self._unusable(name, "not a regular file")  # a folder or a FIFO named like an entry
+                    continue
                 size = entry.stat().st_size
             except FileNotFoundError:
                 continue
@@ -311,10 +324,20 @@ class Spool:
             self._busy_elsewhere = {k: v for k, v in self._busy_elsewhere.items() if v > now}
         self._update_gauges()
 
+    def _unusable(self, name: str, why: str) -> None:
+        """An entry that cannot be used is left where it is (it may be another user's, or ops' to
+        inspect) and skipped, with an error once per name, instead of stopping delivery."""
+        if name not in self._unusable_logged and len(self._unusable_logged) < 10_000:
+            self._unusable_logged.add(name)
+            log.error("spool entry %s is skipped: %s", self.ready_dir / name, why)
+
     def _header_ok(self, path: str, size: int) -> bool:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never wait on a FIFO
         except FileNotFoundError:
+            return False
+        except OSError as exc:
+            self._unusable(os.path.basename(path), f"cannot open it: {exc.strerror}")
             return False
         try:
             check_header(os.pread(fd, HEADER_SIZE, 0), size)
@@ -502,8 +525,12 @@ class Spool:
     def _try_claim(self, name: str) -> Claim | None:
         path = self.ready_dir / name
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
+            self._forget(name)
+            return None
+        except OSError as exc:  # unreadable now (permissions changed): skip it, do not block the rest
+            self._unusable(name, f"cannot open it: {exc.strerror}")
             self._forget(name)
             return None
         keep = False
@@ -519,7 +546,13 @@ class Spool:
                 return None
             size = os.fstat(fd).st_size
             try:
-                record, image = decode_entry(_read_fd(fd, size))
+                try:
+                    data = _read_fd(fd, size)
+                except OSError as exc:
+                    self._unusable(name, f"cannot read it: {exc.strerror}")
+                    self._forget(name)
+                    return None
+                record, image = decode_entry(data)
                 if f"{record.sample_id}{ENTRY_SUFFIX}" != name:
                     raise CorruptEntry("record's sample id does not match the file name")
                 image_id = None
@@ -611,7 +644,8 @@ class Spool:
         oldest = _created(names[0]) if names else None
         states = sum(1 for e in os.scandir(self.ready_dir) if e.name.endswith(STATE_SUFFIX))
         dead = sum(1 for e in os.scandir(self.dead_dir) if e.name.endswith(ENTRY_SUFFIX))
-        quarantined = sum(1 for e in os.scandir(self.quarantine_dir) if not e.name.endswith(".reason.txt"))
+        quarantined = sum(1 for e in os.scandir(self.quarantine_dir)  # entries, not their state or reason
+                          if not e.name.endswith((".reason.txt", STATE_SUFFIX)))
         return SpoolStatus(len(names), total, states, dead, quarantined, oldest)
 
     def retry_dead_letters(self) -> int:

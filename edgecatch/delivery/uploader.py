@@ -5,7 +5,10 @@ fail the same way, so one backoff (exponential, with jitter, capped) holds all w
 of each sample burning its own retries. A 429 sets that backoff from `Retry-After`. A 401/403 pauses
 the sink (metric `edgecatch_sink_paused` = 1 and an error log: an alarm) and sends one probe after
 `auth_pause_seconds`. A rejected sample goes to the dead-letter folder with the answer beside it; so
-does a sample that failed transiently `max_attempts` times in a row while others got through.
+does a sample that failed transiently `max_attempts` times while others got through: after its
+first failure a sample waits behind the others for a while, and its failures count only once
+another sample was delivered after that first one, so a destination that is down for everyone
+(however long) sends nothing to the dead letters.
 
 Spool calls that fsync run in threads (`asyncio.to_thread`) so the loop never blocks on the disk.
 """
@@ -56,7 +59,8 @@ class Uploader:
         self._not_before = 0.0
         self._paused = False
         self._probing = False
-        self._attempts: dict[str, int] = {}
+        # sample -> (failures counted, samples delivered when it first failed)
+        self._attempts: dict[str, tuple[int, int]] = {}
         self._sink_paused = metrics.sink_paused.labels(sink.name)
         self._sink_paused.set(0)
         self._outcomes = {name: metrics.uploads.labels(sink.name, name) for name in (
@@ -179,7 +183,11 @@ class Uploader:
         epoch = self._backoff_epoch
 
         async def on_image_stored(image_id: str) -> None:
-            await asyncio.to_thread(claim.record_image_id, image_id)
+            try:
+                await asyncio.to_thread(claim.record_image_id, image_id)
+            except OSError as exc:  # a full disk: a transient failure of ours, not a bug in the sink
+                raise TransientError(f"cannot record the image id in the spool: {exc.strerror or exc}",
+                                     step="upload") from None
 
         try:
             outcome = await self.sink.deliver(claim.record, claim.image, claim.image_id, on_image_stored)
@@ -223,7 +231,10 @@ class Uploader:
 
     def backoff_delay(self, failures: int) -> float:
         retry = self.config.retry
-        delay = min(retry.max_seconds, retry.initial_seconds * retry.multiplier ** max(0, failures - 1))
+        try:
+            delay = min(retry.max_seconds, retry.initial_seconds * retry.multiplier ** max(0, failures - 1))
+        except OverflowError:  # after ~1000 rounds of a long outage: the cap, long since reached
+            delay = retry.max_seconds
         return delay * (1.0 - retry.jitter * self._rng.random())
 
     def _count_failure(self, exc: DeliveryError) -> None:
@@ -239,8 +250,10 @@ class Uploader:
             self._not_before = self._monotonic() + retry.auth_pause_seconds
             claim.release()
             return
-        attempts = self._attempts.get(claim.name, 0) + 1
-        self._attempts[claim.name] = attempts
+        counted, delivered_then = self._attempts.get(claim.name, (0, self.delivered))
+        # The first failure counts; the next ones only once others got through after it.
+        attempts = counted + 1 if counted == 0 or self.delivered > delivered_then else counted
+        self._attempts[claim.name] = (attempts, delivered_then)
         now = self._monotonic()
         new_round = epoch == self._backoff_epoch  # not one more worker hitting the same failure
         if new_round:
@@ -258,15 +271,18 @@ class Uploader:
             "sink %s: %s; retrying in %.1f s (sample %s, attempt %d)",
             self.sink.name, exc, delay, claim.sample_id, attempts)
         if retry.max_attempts is not None and attempts >= retry.max_attempts:
-            self._attempts.pop(claim.name, None)
             # Cannot await here (sync); the dead-letter move is quick and rare.
             try:
                 claim.dead_letter("too_many_attempts", {**exc.as_dict(), "attempts": attempts})
-                self.metrics.dead_letters.labels(self.sink.name, "too_many_attempts").inc()
-            except OSError:
+            except OSError:  # a full disk: it stays spooled, its count kept, and is tried again
                 claim.release()
+                return
+            self._attempts.pop(claim.name, None)
+            self.metrics.dead_letters.labels(self.sink.name, "too_many_attempts").inc()
             return
-        claim.release()
+        # The others go first for a while: whether they get through tells a sample the destination
+        # refuses from a destination that is down.
+        claim.release(behind_others_for=max(delay, retry.initial_seconds) * 2)
 
     def _pause(self, exc: AuthError) -> None:
         pause = self.config.retry.auth_pause_seconds

@@ -168,18 +168,31 @@ _start_lock = threading.Lock()
 def _start(collector: Collector, *, mounted: bool) -> None:
     """Start the collector (delivery, reloads, metrics) once per process: with the service, by
     `app`'s lifespan; or, on a service without `app` mounted (an inner service behind
-    `bentoml.depends`), at its first request, stopped when the process exits."""
+    `bentoml.depends`), on a thread of its own at the first request (which does not wait for it:
+    opening a spool with a backlog takes seconds; samples wait in the hand-off queue meanwhile),
+    stopped when the process exits."""
     global _started
     with _start_lock:
-        if not mounted and collector.state == "created":
-            log.warning("edgecatch.app is not mounted on this service: delivery starts with its first request "
-                        "and there is no feedback route here (mount it with @bentoml.asgi_app(edgecatch.app, "
-                        "path=\"/edgecatch\"))")
-            import atexit
-
-            atexit.register(collector.stop)
-        collector.start()
+        if _started:
+            return
         _started = True
+        if mounted:
+            collector.start()
+            return
+        log.warning("edgecatch.app is not mounted on this service: delivery starts with its first request "
+                    "and there is no feedback route here (mount it with @bentoml.asgi_app(edgecatch.app, "
+                    "path=\"/edgecatch\"))")
+        import atexit
+
+        atexit.register(collector.stop)
+        threading.Thread(target=_start_in_background, args=(collector,), name="edgecatch-start", daemon=True).start()
+
+
+def _start_in_background(collector: Collector) -> None:
+    try:
+        collector.start()
+    except Exception:
+        log.exception("edgecatch could not start; predictions are served, samples are not delivered")
 
 
 def _context_parameter(func: Callable[..., Any], signature: inspect.Signature) -> str | None:

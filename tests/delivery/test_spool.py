@@ -109,7 +109,33 @@ def test_corrupt_entries_are_quarantined_and_the_rest_delivered(tmp_path, metric
     assert f"{ids[4]}.state" in quarantined and f"{ids[4]}.ecs" in quarantined
     reason = (tmp_path / "quarantine" / f"{ids[3]}.ecs.reason.txt").read_text()
     assert "checksum" in reason
-    assert new_spool(tmp_path, metrics).status().quarantined_items == 5
+    assert new_spool(tmp_path, metrics).status().quarantined_items == 4  # entries; a state file is not one
+
+
+def test_entries_that_cannot_be_used_are_skipped_and_the_rest_delivered(tmp_path, metrics, caplog, monkeypatch):
+    spool = new_spool(tmp_path, metrics)
+    ids = fill_spool(spool, 4)
+    ready = tmp_path / "ready"
+    (ready / "0000folder.ecs").mkdir()  # a folder and a FIFO named like entries: opening the spool
+    os.mkfifo(ready / "0001fifo.ecs")  # used to raise, or to wait forever on the FIFO
+    reopened = new_spool(tmp_path, metrics)
+    assert "0000folder.ecs is skipped: not a regular file" in caplog.text
+    assert "0001fifo.ecs is skipped: not a regular file" in caplog.text
+    # An entry that cannot be opened any more (permissions changed under a running service):
+    # skipped, not retried in front of every other sample.
+    real_open = os.open
+    unreadable = str(ready / f"{ids[0]}.ecs")
+
+    def refusing_open(path, flags, *args):
+        if str(path) == unreadable:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    assert drain(reopened) == ids[1:]
+    assert f"{ids[0]}.ecs is skipped: cannot open it: Permission denied" in caplog.text
+    monkeypatch.undo()
+    assert (ready / f"{ids[0]}.ecs").exists()  # left for ops to look at, not moved or deleted
 
 
 def test_leftovers_of_a_crashed_writer_are_cleaned(tmp_path, metrics):

@@ -20,6 +20,7 @@ def test_status_retry_and_purge(tmp_path, roboflow_config, metrics):
     claim = spool.claim()
     claim.dead_letter("rejected", {"status": 422, "answer": "{}"})
     (config.spool_dir / "quarantine" / "x.ecs").write_bytes(b"bad")
+    (config.spool_dir / "quarantine" / "x.state").write_bytes(b"{}")  # its state: not another entry
     where = ["--spool-dir", str(config.spool_dir)]
 
     status = edgecatch("spool", "status", "--json", *where)
@@ -44,3 +45,10 @@ def test_status_retry_and_purge(tmp_path, roboflow_config, metrics):
 
     missing = edgecatch("spool", "status", "--spool-dir", str(tmp_path / "nope"))
     assert missing.returncode == 1 and "no spool at" in missing.stderr
+    # a folder that is not a spool is refused, and left as it was
+    project = tmp_path / "project"
+    project.mkdir(mode=0o755)
+    project.chmod(0o755)
+    other = edgecatch("spool", "status", "--spool-dir", str(project))
+    assert other.returncode == 1 and "is not an edgecatch spool" in other.stderr
+    assert list(project.iterdir()) == [] and project.stat().st_mode & 0o777 == 0o755

@@ -289,15 +289,98 @@ def test_outside_the_window_nothing_is_sent(server, roboflow_config, metrics, re
 
 
 def test_a_sample_failing_transiently_too_often_becomes_a_dead_letter(server, roboflow_config, metrics, registry):
-    config = roboflow_config(concurrency=1, retry={"max_attempts": 3})
-    (sample_id,) = fill_spool(open_spool(config, metrics), 1)
-    server.fault("500", step="upload")
+    # One sample the destination keeps failing while it takes the others: a poison sample.
+    config = roboflow_config(concurrency=1, retry={"max_attempts": 3, "initial_seconds": 0.05, "max_seconds": 0.05})
+    spool = open_spool(config, metrics)
+    poison, *others = fill_spool(spool, 6)
+    server.fault("500", step="upload", sample=poison)
     delivery = run_delivery(config, metrics)
     try:
         wait_for(lambda: len(delivery.spool) == 0, what="the dead letter")
     finally:
         delivery.stop()
-    answer = json.loads((config.spool_dir / "dead" / f"{sample_id}.answer.json").read_text())
+    answer = json.loads((config.spool_dir / "dead" / f"{poison}.answer.json").read_text())
     assert answer["reason"] == "too_many_attempts" and answer["attempts"] == 3 and answer["status"] == 500
     assert value(registry, "edgecatch_dead_letters_total", sink="roboflow", reason="too_many_attempts") == 1
-    assert [status for _, status, _ in server.store.log] == [500, 500, 500]
+    assert set(server.store.stored_names) >= {f"{sample_id}.jpg" for sample_id in others}
+
+
+def test_a_destination_down_for_everyone_sends_nothing_to_the_dead_letters(server, roboflow_config, metrics,
+                                                                             registry):
+    config = roboflow_config(concurrency=2, retry={"max_attempts": 2, "initial_seconds": 0.02, "max_seconds": 0.05})
+    sample_ids = fill_spool(open_spool(config, metrics), 5)
+    server.fault("500", step="upload")
+    delivery = run_delivery(config, metrics)
+    try:
+        wait_for(lambda: len([s for _, s, _ in server.store.log if s == 500]) >= 20, what="twenty failed attempts")
+        assert not list((config.spool_dir / "dead").glob("*.ecs"))  # far past max_attempts for each
+        server.clear()  # it comes back: everything is delivered
+        wait_for(lambda: len(delivery.spool) == 0, what="the backlog")
+    finally:
+        delivery.stop()
+    assert set(server.store.stored_names) == {f"{sample_id}.jpg" for sample_id in sample_ids}
+    assert value(registry, "edgecatch_dead_letters_total", sink="roboflow", reason="too_many_attempts") == 0
+
+def test_answers_that_are_not_the_apis_are_bounded_and_retried(tmp_path, monkeypatch):
+    """A destination behind a misconfigured proxy: a redirect, a 500 with a 20 MB error page, an
+    image id that needs escaping in the annotate URL. Real HTTP on 127.0.0.1."""
+    import asyncio
+
+    from aiohttp import web
+
+    from edgecatch.delivery.config import RoboflowSinkConfig
+    from edgecatch.delivery.errors import TransientError
+    from edgecatch.delivery.sinks.roboflow import MAX_ANSWER_CHARS, RoboflowSink
+
+    from .conftest import jpeg, make_record
+
+    answers = ["redirect", "huge", "ok"]
+    annotated: list[str] = []
+
+    async def upload(request: web.Request) -> web.Response:
+        await request.read()
+        kind = answers.pop(0)
+        if kind == "redirect":
+            return web.Response(status=307, headers={"Location": "https://elsewhere.invalid/upload"})
+        if kind == "huge":
+            return web.Response(status=500, body=b"<html>" + b"x" * 20_000_000, content_type="text/html")
+        return web.json_response({"success": True, "id": "a#b/c d"})
+
+    async def annotate(request: web.Request) -> web.Response:
+        annotated.append(request.match_info["image_id"])
+        return web.json_response({"success": True})
+
+    async def run() -> list[str]:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/dataset/d/upload", upload)
+        app.router.add_post("/dataset/d/annotate/{image_id}", annotate)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        monkeypatch.setenv("K", "secret-key")
+        sink = RoboflowSink(RoboflowSinkConfig.model_validate(
+            {"type": "roboflow", "base_url": f"http://127.0.0.1:{port}", "dataset": "d", "api_key_env": "K"}))
+        failures = []
+        try:
+            for _ in range(2):
+                with pytest.raises(TransientError) as caught:  # retried, not dead-lettered
+                    await sink.deliver(make_record(), jpeg(), None, lambda image_id: asyncio.sleep(0))
+                failures.append(caught.value)
+            stored = []
+
+            async def on_stored(image_id: str) -> None:
+                stored.append(image_id)
+
+            assert await sink.deliver(make_record(), jpeg(), None, on_stored) == "delivered"
+            assert stored == ["a#b/c d"]
+        finally:
+            await sink.aclose()
+            await runner.cleanup()
+        return failures
+
+    redirect, huge = asyncio.run(run())
+    assert redirect.status == 307 and "base_url" in str(redirect) and "elsewhere.invalid" in str(redirect)
+    assert huge.status == 500 and len(huge.answer) <= MAX_ANSWER_CHARS
+    assert annotated == ["a#b/c d"]  # the whole id, escaped on the way and decoded by the server

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -30,6 +31,7 @@ __all__ = ["RoboflowSink", "annotation_for"]
 log = logging.getLogger("edgecatch.delivery.roboflow")
 
 MAX_ANSWER_CHARS = 4000
+MAX_ANSWER_BYTES = 64 * 1024  # the API answers a few hundred bytes; a huge error page is cut, not held
 
 
 def annotation_for(record: SampleRecord) -> tuple[str, str]:
@@ -145,7 +147,7 @@ class RoboflowSink:
     async def _annotate(self, record: SampleRecord, image_id: str) -> None:
         name, text = annotation_for(record)
         answer = await self._post(
-            "annotate", f"{self._base}/annotate/{image_id}",
+            "annotate", f"{self._base}/annotate/{quote(image_id, safe='')}",
             params=[("api_key", self._api_key), ("name", name), ("prediction", "true")],
             data=text.encode(), headers={"Content-Type": "text/plain"})
         if answer.status == 409:  # the image has its annotation already: done
@@ -158,7 +160,7 @@ class RoboflowSink:
     async def _post(self, step: str, url: str, **kw: Any) -> _Answer:
         try:
             async with self._client().post(url, allow_redirects=False, **kw) as response:
-                body = await response.read()
+                body = await response.content.read(MAX_ANSWER_BYTES)
                 return _Answer(response.status, response.headers, body)
         except asyncio.TimeoutError as exc:  # aiohttp's timeouts derive from it
             raise TransientError(f"{step}: timeout ({type(exc).__name__})", step=step) from None
@@ -179,4 +181,8 @@ class RoboflowSink:
                                   answer=text, retry_after=_retry_after(answer.headers.get("Retry-After")))
         if status >= 500 or status in (408, 425) or status == 200:
             return TransientError(f"{step}: HTTP {status} ({kind})", status=status, step=step, answer=text)
+        if 300 <= status < 400:  # not followed (it would re-send the key elsewhere): fix base_url
+            where = self.redact(answer.headers.get("Location", "")[:200])
+            return TransientError(f"{step}: HTTP {status} redirect to {where or 'nowhere'}: base_url needs changing",
+                                  status=status, step=step, answer=text)
         return RejectedError(f"{step}: HTTP {status}", status=status, step=step, answer=text)
