@@ -82,6 +82,19 @@ def _as_uint8(array: Any) -> Any:
     raise ValueError(f"pixels of type {array.dtype} are not an image")
 
 
+def _wide_to_8_bit(image: Image.Image) -> Image.Image:
+    """A grey image with 16- or 32-bit integer or float pixels, scaled to 8 bits: 16-bit by its
+    range (0-65535), wider integers by their maximum, floats as `_as_uint8` reads them."""
+    import numpy as np
+
+    pixels = np.asarray(image)
+    if pixels.dtype.kind == "f":
+        return Image.fromarray(_as_uint8(pixels))
+    top = 65535 if image.mode.startswith("I;16") or (pixels.size and int(pixels.max()) <= 65535) \
+        else max(1, int(pixels.max()))
+    return Image.fromarray((np.clip(pixels, 0, top) * (255.0 / top)).round().astype(np.uint8))
+
+
 def orient_box(box: Box, orientation: int, width: int, height: int) -> Box:
     """Map a box in stored pixels (width x height) through an EXIF orientation's transpose."""
     x1, y1, x2, y2 = box
@@ -147,6 +160,8 @@ def prepare_image(image: Any, max_size: int, jpeg_quality: int) -> tuple[Prepare
         resized = oriented if oriented.size == target else oriented.resize(target, Image.Resampling.LANCZOS)
     except OSError as exc:  # truncated data surfaces when the pixels are read
         raise ImageError(f"cannot decode image: {exc}") from None
+    if resized.mode.startswith(("I", "F")):  # 16/32-bit or float pixels: convert() would clip, not scale
+        resized = _wide_to_8_bit(resized)
     if resized.mode not in ("RGB", "L"):
         resized = resized.convert("RGB")
     out = io.BytesIO()

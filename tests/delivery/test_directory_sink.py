@@ -54,8 +54,18 @@ def test_classification_folders_and_unsafe_class_names(tmp_path):
     deliver(sink, odd, jpeg())
     assert (tmp_path / "ds" / "classes" / "cat" / cat.image_name).exists()
     (folder,) = [p for p in (tmp_path / "ds" / "classes").iterdir() if p.name != "cat"]
-    assert folder.name == "_.._etc_passwd" and (folder / odd.image_name).exists()
+    assert folder.name.startswith("_.._etc_passwd-") and (folder / odd.image_name).exists()
     assert not (tmp_path / "etc").exists()
+
+
+def test_class_names_never_share_a_folder(tmp_path):
+    sink = DirectorySink(DirectorySinkConfig(path=tmp_path / "ds"))
+    names = ["cat/dog", "cat_dog", "猫", "狗", "..", "."]
+    for name in names:
+        deliver(sink, make_record("classification", classification=((name, 0.9),)), jpeg())
+    folders = [p for p in (tmp_path / "ds" / "classes").iterdir()]
+    assert len(folders) == len(names) and all(len(list(f.iterdir())) == 1 for f in folders)
+    assert (tmp_path / "ds" / "classes" / "cat_dog").is_dir()  # a safe name is kept as it is
 
 
 def test_redelivery_after_a_crash_does_not_duplicate_the_manifest(tmp_path):

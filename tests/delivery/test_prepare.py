@@ -103,6 +103,21 @@ def test_arrays_of_other_types_become_8_bit_images(pixels, expected):
     assert abs(value - expected) <= 3, value
 
 
+@pytest.mark.parametrize("make, mode", [
+    (lambda: Image.fromarray(np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))), "I;16"),
+    (lambda: Image.fromarray(np.tile(np.linspace(0, 65535, 64).astype(np.int32), (8, 1))), "I"),
+    (lambda: Image.fromarray(np.tile(np.linspace(0, 1, 64).astype(np.float32), (8, 1))), "F"),
+])
+def test_wide_grey_images_are_scaled_to_8_bits_not_clipped(make, mode):
+    image = make()
+    assert image.mode == mode
+    out = io.BytesIO()
+    image.save(out, "PNG" if mode == "I;16" else "TIFF")
+    prepared, _ = prepare_image(out.getvalue(), max_size=100, jpeg_quality=100)
+    row = [Image.open(io.BytesIO(prepared.data)).convert("L").getpixel((x, 4)) for x in (0, 32, 63)]
+    assert row[0] <= 3 and 120 <= row[1] <= 135 and row[2] >= 252, row  # a gradient, dark to light
+
+
 @pytest.mark.parametrize("bad", [b"not an image", b"", object()])
 def test_undecodable_images_raise_image_error(bad):
     with pytest.raises(ImageError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -39,8 +40,12 @@ MANIFEST_TAIL_BYTES = 1024 * 1024
 
 
 def safe_name(name: str) -> str:
+    """A folder name for a class name: the name itself when it is safe, else its safe characters
+    and a short hash of the whole, so that two classes never share a folder ("cat/dog", "cat_dog")."""
     cleaned = _UNSAFE.sub("_", name)[:100].strip(".") or "_"
-    return cleaned
+    if cleaned == name:
+        return cleaned
+    return f"{cleaned}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 class DirectorySink:
