@@ -216,12 +216,16 @@ def live(tmp_path_factory):
                             + metric("edgecatch_uploads_total", outcome="duplicate") >= 6, timeout=60)
             assert metric("edgecatch_unparsed_total", reason="api_error") >= 1
 
-            # 2. The Upload API fails (500): retries, then dead letters after max_attempts.
+            # 2. The Upload API fails (500) for everyone: retries, and nothing goes to dead/ (an
+            #    outage is not the samples' fault); then it rejects some (400): those are dead letters.
             upload_api.fault("500")
             for _ in range(5):
                 detect(client)
-            assert wait_for(lambda: metric("edgecatch_dead_letters_total", reason="too_many_attempts") >= 5,
-                            timeout=60)
+            assert wait_for(lambda: metric("edgecatch_upload_failures_total", reason="http_5xx") >= 20, timeout=60)
+            assert metric("edgecatch_dead_letters_total", reason="too_many_attempts") == 0
+            upload_api.clear()
+            upload_api.fault("400", times=3)
+            assert wait_for(lambda: metric("edgecatch_dead_letters_total", reason="rejected") >= 1, timeout=60)
 
             # 3. The key is refused (401): the sink pauses, the backlog grows until the spool is full
             #    (drops); meanwhile someone saves a broken policy file.
@@ -316,9 +320,9 @@ def test_the_sidecars_admin_port_is_scraped_too(live):
 
 
 @pytest.mark.parametrize("expr, label, values", [
-    ("edgecatch_upload_failures_total > 0", "reason", {"http_5xx", "http_401"}),
-    ("edgecatch_uploads_total > 0", "outcome", {"delivered", "transient_error", "auth_error"}),
-    ("edgecatch_dead_letters_total > 0", "reason", {"too_many_attempts"}),
+    ("edgecatch_upload_failures_total > 0", "reason", {"http_5xx", "http_4xx", "http_401"}),
+    ("edgecatch_uploads_total > 0", "outcome", {"delivered", "transient_error", "rejected", "auth_error"}),
+    ("edgecatch_dead_letters_total > 0", "reason", {"rejected"}),
     ("edgecatch_dropped_total > 0", "reason", {"spool_full"}),
     ("edgecatch_feedback_total > 0", "verdict", {"incorrect", "correct"}),
     ("edgecatch_samples_total > 0", "policy", {"user-says-wrong", "user-says-right", "capped", "everything"}),
