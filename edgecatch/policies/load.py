@@ -93,17 +93,19 @@ def load_model_text(model: type[M], text: str, source: str) -> M:
         raise ConfigError([ConfigProblem(source, None, "", f"invalid YAML: {message}")]) from None
     if root is None:
         raise ConfigError([ConfigProblem(source, 1, "", "the document is empty")])
+    # Reported together with whatever else is wrong: every error in one go, as `validate` promises.
     duplicates = list(_duplicate_keys(root, (), source))
-    if duplicates:
-        raise ConfigError(duplicates)
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(source, root.start_mark.line + 1, "", "the document must be a mapping")])
     try:
-        return model.model_validate(data)
+        document = model.model_validate(data)
     except ValidationError as exc:
-        problems = [_problem(error, root, source, model) for error in exc.errors()]
+        problems = duplicates + [_problem(error, root, source, model) for error in exc.errors()]
         raise ConfigError(sorted(problems, key=lambda p: p.line or 0)) from None
+    if duplicates:
+        raise ConfigError(duplicates)
+    return document
 
 
 def _duplicate_keys(node: yaml.Node, loc: Loc, source: str):

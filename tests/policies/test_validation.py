@@ -106,6 +106,19 @@ def test_duplicate_yaml_key_is_an_error_not_last_one_wins():
     """) == ["p.yaml:5: policies[0]: duplicate key 'random' (first on line 4)"]
 
 
+def test_a_duplicate_key_is_reported_with_the_other_errors():
+    assert problems("""
+        version: 1
+        policies:
+          - name: a
+            random: 0.1
+            random: 0.9
+            confidence_bellow: 0.5
+    """) == ["p.yaml:5: policies[0]: duplicate key 'random' (first on line 4)",
+             "p.yaml:6: policies[0].confidence_bellow: unknown key 'confidence_bellow' "
+             "(did you mean 'confidence_below'?)"]
+
+
 def test_document_level_errors():
     assert problems("""
         version: 2
