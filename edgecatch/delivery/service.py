@@ -274,7 +274,12 @@ class Delivery:
     def _spool_batch(self, batch: list[Handoff]) -> None:
         assert self.spool is not None
         items: list[tuple[SampleRecord, bytes]] = []
-        for handoff in batch:
+        for index, handoff in enumerate(batch):
+            if self._prep_stop.is_set() and time.monotonic() >= self._prep_deadline:
+                # Stopping and out of time: a batch of large images takes a second or more; what is
+                # not prepared goes back to the queue, to be counted as dropped at shutdown.
+                self._queue.extendleft(reversed(batch[index:]))
+                break
             try:
                 max_size, quality = self._settings(handoff)
                 prepared, _ = prepare_image(handoff.image, max_size, quality)

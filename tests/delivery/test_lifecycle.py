@@ -161,3 +161,19 @@ def test_a_program_that_exits_without_stopping_delivery_exits_quietly(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "exiting without stop()" in result.stdout
     assert "Traceback" not in result.stderr and "failed" not in result.stderr, result.stderr
+
+
+def test_preparation_stops_at_the_drain_deadline_mid_batch(tmp_path, metrics):
+    """A batch of large images takes a second or more to prepare: past the deadline, what is not
+    prepared yet goes back to the queue (counted as dropped at shutdown) instead of overshooting."""
+    config = DeliveryConfig.model_validate({"spool_dir": str(tmp_path / "s"),
+                                            "sink": {"type": "directory", "path": str(tmp_path / "ds")}})
+    delivery = Delivery(config, metrics=metrics)
+    delivery.spool = open_spool(config, metrics)
+    for i in range(5):
+        assert delivery.submit(observation(i), jpeg(), DECISION)
+    batch = [delivery._queue.popleft() for _ in range(5)]
+    delivery._prep_stop.set()
+    delivery._prep_deadline = 0.0  # long past
+    delivery._spool_batch(batch)
+    assert len(delivery.spool) == 0 and list(delivery._queue) == batch
