@@ -115,7 +115,7 @@ class Collector:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._peer_server: asyncio.AbstractServer | None = None
-        self._unparsed_logged: set[str] = set()
+        self._unparsed_logged: set[tuple[str, str | None]] = set()
         # Ids whose verdict came with its own prediction and image (the prediction forgotten): one
         # verdict each, as for remembered ones; bounded like the recall buffer's item count.
         self._late_verdicts: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -177,11 +177,14 @@ class Collector:
         else:
             metrics.limiter_unavailable.labels(event).inc()
 
-    def count_unparsed(self, reason: str, detail: str | None = None) -> None:
+    def count_unparsed(self, reason: str, detail: str | None = None, *, model: str | None = None) -> None:
         self.metrics.unparsed.labels(reason).inc()
-        if detail and reason not in self._unparsed_logged:
-            self._unparsed_logged.add(reason)  # once per reason: a bad client must not flood the log
-            log.warning("edgecatch could not read a prediction (%s): %s", reason, detail)
+        key = (reason, model)
+        if detail and key not in self._unparsed_logged and len(self._unparsed_logged) < 1000:
+            # once per reason and model: a bad client must not flood the log, nor hide another model's problem
+            self._unparsed_logged.add(key)
+            where = f" of model {model}" if model else ""
+            log.warning("edgecatch could not read a prediction%s (%s): %s", where, reason, detail)
 
     def _class_label(self, model: str, name: str) -> str:
         seen = self._classes.get(model)

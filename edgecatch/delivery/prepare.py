@@ -19,6 +19,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from edgecatch.observation import Observation
+from edgecatch.orientation import orient_box
 from edgecatch.policies.decision import Decision
 
 from .sample import SampleDetection, SampleRecord
@@ -93,27 +94,6 @@ def _wide_to_8_bit(image: Image.Image) -> Image.Image:
     top = 65535 if image.mode.startswith("I;16") or (pixels.size and int(pixels.max()) <= 65535) \
         else max(1, int(pixels.max()))
     return Image.fromarray((np.clip(pixels, 0, top) * (255.0 / top)).round().astype(np.uint8))
-
-
-def orient_box(box: Box, orientation: int, width: int, height: int) -> Box:
-    """Map a box in stored pixels (width x height) through an EXIF orientation's transpose."""
-    x1, y1, x2, y2 = box
-    w, h = width, height
-    if orientation == 2:    # mirror horizontal
-        return (w - x2, y1, w - x1, y2)
-    if orientation == 3:    # rotate 180
-        return (w - x2, h - y2, w - x1, h - y1)
-    if orientation == 4:    # mirror vertical
-        return (x1, h - y2, x2, h - y1)
-    if orientation == 5:    # transpose (x <-> y)
-        return (y1, x1, y2, x2)
-    if orientation == 6:    # rotate 90 clockwise to display: new x = h - y, new y = x
-        return (h - y2, x1, h - y1, x2)
-    if orientation == 7:    # transverse
-        return (h - y2, w - x2, h - y1, w - x1)
-    if orientation == 8:    # rotate 90 counter-clockwise to display: new x = y, new y = w - x
-        return (y1, w - x2, y2, w - x1)
-    return box
 
 
 def _passthrough(image: Any, max_size: int) -> tuple[PreparedImage, Image.Image] | None:

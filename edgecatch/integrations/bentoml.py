@@ -45,6 +45,7 @@ from typing import Any, Literal
 from edgecatch.collector import Collector, get_collector
 from edgecatch.integrations.results import ResultAdapter, resolve_adapter
 from edgecatch.observation import Classification, Detection, Observation
+from edgecatch.orientation import ROTATED, stored_box
 
 __all__ = ["INFERENCE_ID_HEADER", "app", "observe"]
 
@@ -279,6 +280,15 @@ class _Watcher:
         kept, width, height = _keepable_image(image)
         if kept is None:
             collector.count_unparsed("image")
+        orientation = image.orientation if isinstance(image, _Captured) else 1
+        if orientation != 1:
+            # The model saw the upright image (width x height): pre-labels go in the stored pixels,
+            # with the stored size, and delivery orients both (the sizes alone cannot tell for a
+            # flip, a 180° turn or a square image).
+            detections = tuple(Detection(d.class_name, d.confidence, stored_box(d.box, orientation, width, height),
+                                         d.class_id) for d in detections)
+            if orientation in ROTATED:
+                width, height = height, width
         observation = Observation(
             model=self.model,
             model_version=self.model_version,
@@ -325,19 +335,22 @@ def _keepable_image(image: Any) -> tuple[Any, int, int]:
 class _Captured:
     """A PIL image with the encoded bytes it was opened from (read before the API decodes it)."""
 
-    __slots__ = ("image", "encoded", "size")
+    __slots__ = ("image", "encoded", "size", "orientation")
 
     def __init__(self, image: Any, encoded: bytes | None) -> None:
         self.image = image
         self.encoded = encoded
         width, height = image.size
+        self.orientation = 1
         try:
-            # Pre-labels live in the upright image (models decode with EXIF orientation applied,
-            # and so does delivery), so a 90°-rotated upload swaps width and height.
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                width, height = height, width
+            # Models decode with the EXIF orientation applied (and so does delivery): the size the
+            # model saw is the upright one, and a 90°-rotated upload swaps width and height.
+            orientation = image.getexif().get(0x0112, 1)
+            self.orientation = orientation if orientation in range(1, 9) else 1
         except Exception:
             pass
+        if self.orientation in ROTATED:
+            width, height = height, width
         self.size = (width, height)
 
 

@@ -43,7 +43,7 @@ def response_body(outputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, 
     """A response as Triton writes it: JSON, or JSON header + binary tensors."""
     header = {"model_name": "m", "model_version": "1", "outputs": []}
     blobs = []
-    types = {np.float32: "FP32", np.int32: "INT32"}
+    types = {np.float32: "FP32", np.float16: "FP16", np.int32: "INT32", np.int64: "INT64"}
     for name, array in outputs.items():
         spec = {"name": name, "datatype": types[array.dtype.type], "shape": list(array.shape)}
         if binary:
@@ -177,6 +177,34 @@ def test_unreadable_bodies_raise_with_a_reason(body, length, reason):
     assert caught.value.reason == reason
 
 
+def test_fp16_outputs_are_read_from_binary_tensors():
+    # memoryview cannot cast to half floats: numpy reads them (every request used to fail with a traceback)
+    body, length = request_body([jpeg(640, 480), jpeg(320, 240)])
+    _, inputs = http_tensors(body, length, "inputs")
+    half = {name: array.astype(np.float16) for name, array in OUTPUTS.items()}
+    answer, answer_length = response_body(half, binary=True)
+    _, outputs = http_tensors(answer, answer_length, "outputs")
+    first, second = read_items(READING, ["person", "face"], inputs, outputs)
+    assert [(d.class_name, d.box) for d in first.detections] == [("person", (10.0, 20.0, 110.0, 220.0))]
+    assert [d.class_name for d in second.detections] == ["face", "person"]
+
+
+def test_class_ids_or_probabilities_beyond_the_configured_names_are_a_config_error():
+    body, length = request_body([jpeg(640, 480), jpeg(320, 240)])
+    _, inputs = http_tensors(body, length, "inputs")
+    answer, answer_length = response_body(OUTPUTS, binary=True)
+    _, outputs = http_tensors(answer, answer_length, "outputs")
+    with pytest.raises(TensorError, match="class id 1 has no name") as caught:
+        read_items(READING, ["person"], inputs, outputs)  # ids 0 and 1 in the answer, one name
+    assert caught.value.reason == "class_names"
+    assert len(read_items(READING, [], inputs, outputs)) == 2  # no names configured: ids as names
+    classifier = ModelReading.model_validate({"image": {"input": "IMAGE"}, "classification": {"probabilities": "P"}})
+    scores, scores_length = response_body({"P": np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)}, True)
+    _, probabilities = http_tensors(scores, scores_length, "outputs")
+    with pytest.raises(TensorError, match="3 probabilities per item for 2 class names"):
+        read_items(classifier, ["cat", "dog"], inputs, probabilities)
+
+
 def test_missing_tensors_and_bad_images():
     body, length = request_body([b"definitely not an image"])
     _, inputs = http_tensors(body, length, "inputs")
@@ -199,10 +227,11 @@ def _encoded(fmt: str, size: tuple[int, int], orientation: int | None = None, **
     return buffer.getvalue()
 
 
-def _pillow_size(data: bytes) -> tuple[int, int]:
+def _pillow_size(data: bytes) -> tuple[int, int, int]:
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
-        return (height, width) if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+        orientation = image.getexif().get(0x0112, 1)
+        return (height, width, orientation) if orientation in (5, 6, 7, 8) else (width, height, orientation)
 
 
 @pytest.mark.parametrize("data", [
@@ -227,3 +256,76 @@ def test_truncated_headers_are_not_images(data):
 
     with pytest.raises(TensorError):
         _encoded_size(data)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("size", [(400, 300), (240, 240)])
+def test_boxes_of_a_model_that_saw_the_upright_image_land_on_it(orientation, size):
+    """The model decodes with the EXIF orientation applied (as the example detector does) and
+    returns the red rectangle it sees; the prepared image's box must be on that rectangle, also for
+    flips, 180° and square images, where the stored and upright sizes are the same."""
+    from PIL import ImageOps
+
+    from edgecatch.delivery.prepare import build_record, prepare_image
+    from edgecatch.observation import Observation
+    from edgecatch.policies.decision import Decision
+
+    width, height = size
+    stored = Image.new("RGB", size, (128, 128, 128))
+    stored.paste((255, 0, 0), (40, 60, 160, 150))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    data = buffer.getvalue()
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    red = np.argwhere(np.asarray(upright.convert("RGB"))[:, :, 0] > 200)
+    (y1, x1), (y2, x2) = red.min(axis=0), red.max(axis=0) + 1
+    body, length = request_body([data])
+    _, inputs = http_tensors(body, length, "inputs")
+    answer, answer_length = response_body({
+        "BOXES": np.array([[[x1, y1, x2, y2]]], np.float32), "SCORES": np.array([[0.9]], np.float32),
+        "CLASSES": np.array([[0]], np.int32)}, binary=True)
+    _, outputs = http_tensors(answer, answer_length, "outputs")
+    (item,) = read_items(READING, ["person", "face"], inputs, outputs)
+    observation = Observation(model="m", image_width=item.width, image_height=item.height,
+                              detections=item.detections)
+    prepared, _ = prepare_image(data, max_size=1280, jpeg_quality=95)
+    record = build_record("0" * 32, 1.0, observation, Decision(selected=True, policy="p"), prepared)
+    bx1, by1, bx2, by2 = record.detections[0].box
+    assert (round(bx1), round(by1), round(bx2), round(by2)) == (x1, y1, x2, y2)
+    assert (prepared.width, prepared.height) == upright.size
+
+
+def test_a_labels_file_maps_line_i_to_class_i(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("person\nface\n\ncat_face\n\n\n")  # line 3 blank: class 2 has no name
+    reading = ModelReading.model_validate({"image": {"input": "IMAGE"}, "detections": {
+        "boxes": "BOXES", "scores": "SCORES", "classes": "CLASSES"}, "class_names_file": "labels.txt"})
+    names = reading.names(tmp_path)
+    assert names == ["person", "face", "", "cat_face"]
+    body, length = request_body([jpeg(64, 48)])
+    _, inputs = http_tensors(body, length, "inputs")
+    answer, answer_length = response_body({
+        "BOXES": np.array([[[1, 2, 3, 4]] * 2], np.float32), "SCORES": np.array([[0.9, 0.8]], np.float32),
+        "CLASSES": np.array([[2, 3]], np.int32)}, binary=True)
+    _, outputs = http_tensors(answer, answer_length, "outputs")
+    (item,) = read_items(reading, names, inputs, outputs)
+    assert [d.class_name for d in item.detections] == ["2", "cat_face"]
+
+
+def test_a_labels_file_that_cannot_be_read_is_one_clear_line(tmp_path):
+    from edgecatch.integrations.triton.sidecar import Sidecar, SidecarConfig
+    from edgecatch.policies.load import ConfigError
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "policies.yaml").write_text("version: 1\npolicies:\n  - name: all\n    random: 1.0\n")
+    for file, problem in (("latin1.txt", "not UTF-8 text"), ("missing.txt", "No such file or directory")):
+        config = SidecarConfig.model_validate({
+            "policies": str(tmp_path / "policies.yaml"), "delivery": {"spool_dir": str(tmp_path / "spool")},
+            "sidecar": {"models": {"m": {"image": {"input": "IMAGE"}, "classification": {"probabilities": "P"},
+                                         "class_names_file": file}}}})
+        with pytest.raises(ConfigError) as caught:
+            Sidecar(config, collector=None, base=tmp_path)
+        assert str(caught.value).splitlines() == [
+            f"{tmp_path / file}: sidecar.models.m.class_names_file: cannot read: {problem}"]

@@ -57,3 +57,48 @@ def test_the_apis_own_context_is_used(annotation):
     wrapped = edgecatch.observe(image="image")(detect)
     # no second context parameter was added: BentoML passes the API's own
     assert list(inspect.signature(wrapped).parameters) == ["self", "image", "ctx"]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_of_an_upright_image_land_on_it_after_delivery_prepares_it(orientation):
+    """A model that applies the EXIF orientation (as the example detector does) returns boxes in the
+    upright image; the sample's box must be on the same pixels, also for flips and 180° turns."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from edgecatch.delivery.prepare import build_record, prepare_image
+    from edgecatch.integrations.bentoml import _captured, _Watcher
+    from edgecatch.integrations.results import resolve_adapter
+    from edgecatch.policies.decision import Decision
+
+    stored = Image.new("RGB", (400, 300), (128, 128, 128))
+    stored.paste((255, 0, 0), (40, 60, 160, 150))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    data = buffer.getvalue()
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    red = np.argwhere(np.asarray(upright)[:, :, 0] > 200)
+    (y1, x1), (y2, x2) = red.min(axis=0), red.max(axis=0) + 1
+
+    class Recording:
+        def __init__(self):
+            self.observed = []
+
+        def observe(self, observation, image):
+            self.observed.append((observation, image))
+
+        def count_unparsed(self, reason, detail=None, **kw):
+            raise AssertionError(reason)
+
+    collector = Recording()
+    watcher = _Watcher(resolve_adapter("detections"), "m", "", None)
+    result = [{"class": "thing", "confidence": 0.9, "box": [float(x1), float(y1), float(x2), float(y2)]}]
+    watcher._watch_one(collector, "w1-0", _captured(Image.open(io.BytesIO(data))), result)
+    ((observation, image),) = collector.observed
+    prepared, _ = prepare_image(image, max_size=1280, jpeg_quality=95)
+    record = build_record("0" * 32, 1.0, observation, Decision(selected=True, policy="p"), prepared)
+    assert tuple(round(v) for v in record.detections[0].box) == (x1, y1, x2, y2)

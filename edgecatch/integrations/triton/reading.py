@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgecatch.integrations.triton.tensors import Tensor, TensorError
 from edgecatch.observation import Classification, Detection
+from edgecatch.orientation import ROTATED, stored_box
 
 __all__ = ["ImageInput", "ModelReading", "ReadItem", "read_items"]
 
@@ -88,7 +89,12 @@ class ModelReading(_Strict):
             return list(self.class_names)
         if self.class_names_file is not None:
             path = self.class_names_file if base is None else base / self.class_names_file
-            return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            # Line i names class i, as in Triton's label files: a blank line keeps its place (that
+            # class is then named by its id); blank lines at the end are not classes.
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            while names and not names[-1]:
+                names.pop()
+            return names
         return []
 
 
@@ -154,8 +160,9 @@ def _image_bytes(value: Any) -> bytes | memoryview:
     return decoded if decoded.startswith(_MAGIC) else data
 
 
-def _encoded_size(data: bytes | memoryview) -> tuple[int, int]:
-    """Width and height as the model saw the image (after EXIF rotation), from the header only.
+def _encoded_size(data: bytes | memoryview) -> tuple[int, int, int]:
+    """Width and height as the model saw the image (after EXIF rotation), and the EXIF orientation,
+    from the header only.
 
     JPEG and PNG headers are read here (a few microseconds: this runs for every observed item);
     anything else, or a header this reader does not follow, goes to Pillow (tens of microseconds).
@@ -172,20 +179,25 @@ def _encoded_size(data: bytes | memoryview) -> tuple[int, int]:
     try:
         with Image.open(BytesIO(data)) as image:
             width, height = image.size
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            orientation = image.getexif().get(0x0112, 1)
+            if orientation not in _INVERSE_KNOWN:
+                orientation = 1
+            if orientation in ROTATED:  # rotated by 90 or 270 degrees
                 width, height = height, width
-            return width, height
+            return width, height, orientation
     except Exception:
         raise TensorError("image", "the image bytes are not an image Pillow can read") from None
 
 
+_INVERSE_KNOWN = frozenset(range(1, 9))  # valid EXIF orientations; anything else is taken as 1
 _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 
 
-def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, swapped when EXIF says 90/270 degrees; None: unsure."""
+def _jpeg_size(data: bytes | memoryview) -> tuple[int, int, int] | None:
+    """(width, height, orientation) from a JPEG's frame header and EXIF, the size swapped when EXIF
+    says 90/270 degrees; None: unsure."""
     offset, end = 2, len(data)
-    rotated = False
+    orientation = 1
     while offset + 4 <= end:
         if data[offset] != 0xFF:
             return None
@@ -204,12 +216,12 @@ def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
             width = int.from_bytes(data[offset + 7:offset + 9], "big")
             if not width or not height:
                 return None
-            return (height, width) if rotated else (width, height)
+            return (height, width, orientation) if orientation in ROTATED else (width, height, orientation)
         if marker == 0xE1 and data[offset + 4:offset + 10] == b"Exif\x00\x00":
-            orientation = _exif_orientation(data[offset + 10:offset + 2 + length])
-            if orientation is None:
+            found = _exif_orientation(data[offset + 10:offset + 2 + length])
+            if found is None:
                 return None
-            rotated = orientation in (5, 6, 7, 8)
+            orientation = found if found in _INVERSE_KNOWN else 1
         if marker == 0xDA:  # start of scan before any frame header
             return None
         offset += 2 + length
@@ -235,14 +247,14 @@ def _exif_orientation(tiff: bytes | memoryview) -> int | None:
     return 1
 
 
-def _png_size(data: bytes) -> tuple[int, int] | None:
+def _png_size(data: bytes) -> tuple[int, int, int] | None:
     if len(data) < 24 or data[12:16] != b"IHDR":
         return None
     idat = data.find(b"IDAT")
     if b"eXIf" in data[:idat if idat > 0 else len(data)]:
         return None  # an EXIF orientation in a PNG: Pillow reads it
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return (width, height) if width and height else None
+    return (width, height, 1) if width and height else None
 
 
 def read_items(
@@ -253,7 +265,7 @@ def read_items(
     if image_tensor is None:
         raise TensorError("image", f"input {reading.image.input} is not in the request")
     images = _images(image_tensor, reading.image)
-    sizes = [(_encoded_size(i) if isinstance(i, (bytes, memoryview)) else (i.shape[1], i.shape[0])) for i in images]
+    sizes = [(_encoded_size(i) if isinstance(i, (bytes, memoryview)) else (i.shape[1], i.shape[0], 1)) for i in images]
     count = len(images)
 
     def need(name: str) -> Tensor:
@@ -288,7 +300,7 @@ def read_items(
         fmt, normalized, min_score = spec.box_format, spec.normalized, spec.min_score
         known = len(names)
         for i in range(count):
-            width, height = sizes[i]
+            width, height, orientation = sizes[i]
             available = min(box_step // 4, score_step, class_step if classes is not None else score_step)
             n = int(valid[i]) if valid is not None else score_step
             if n > available:
@@ -308,17 +320,31 @@ def read_items(
                     a, b, c, d = a - c / 2, b - d / 2, a + c / 2, b + d / 2
                 if normalized:
                     a, b, c, d = a * width, b * height, c * width, d * height
-                name = names[class_id] if class_id < known else str(class_id)
-                detections.append(Detection(name, min(max(score, 0.0), 1.0),
-                                            (float(a), float(b), float(c), float(d)), class_id))
+                if class_id < known:
+                    name = names[class_id] or str(class_id)
+                elif known:  # a config that does not match the model: wrong labels in the dataset
+                    raise TensorError("class_names", f"class id {class_id} has no name ({known} names configured)")
+                else:
+                    name = str(class_id)
+                box = (float(a), float(b), float(c), float(d))
+                if orientation != 1:  # the model saw the upright image: back to the stored pixels
+                    box = stored_box(box, orientation, width, height)
+                detections.append(Detection(name, min(max(score, 0.0), 1.0), box, class_id))
+            if orientation in ROTATED:
+                width, height = height, width
+            # The size as stored: delivery orients boxes and image together from there.
             items.append(ReadItem(tuple(detections), None, images[i], width, height))
     else:
         probabilities = need(reading.classification.probabilities)
         step = per_item(probabilities, "probabilities")
+        if names and step != len(names):
+            raise TensorError("class_names", f"{step} probabilities per item for {len(names)} class names")
         values = probabilities.flat
         for i in range(count):
             row = values[i * step:(i + 1) * step]
-            scores = {(names[k] if k < len(names) else str(k)): float(row[k]) for k in range(step)}
-            width, height = sizes[i]
+            scores = {(names[k] if k < len(names) and names[k] else str(k)): float(row[k]) for k in range(step)}
+            width, height, orientation = sizes[i]
+            if orientation in ROTATED:
+                width, height = height, width
             items.append(ReadItem((), Classification.from_scores(scores), images[i], width, height))
     return items

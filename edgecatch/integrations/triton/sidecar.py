@@ -36,7 +36,7 @@ from edgecatch.integrations.triton.http_proxy import Exchange, HttpProxy, LocalR
 from edgecatch.integrations.triton.reading import ModelReading, ReadItem, read_items
 from edgecatch.integrations.triton.tensors import TensorError, grpc_tensors, http_tensors
 from edgecatch.observation import Observation
-from edgecatch.policies.load import ConfigError, load_model
+from edgecatch.policies.load import ConfigError, ConfigProblem, load_model
 
 __all__ = ["Sidecar", "SidecarConfig", "load_sidecar_config"]
 
@@ -111,10 +111,13 @@ class _Observer:
     """
 
     def __init__(self, on_drop: Callable[[], None], *, after_batch: Callable[[], None] = lambda: None,
+                 on_error: Callable[[BaseException], None] = lambda exc: None,
                  delay: float = 0.002, slice_seconds: float = 0.005, max_pending: int = 2000) -> None:
         self._pending: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._on_drop = on_drop
         self._after_batch = after_batch
+        self._on_error = on_error
+        self._errors_logged: set[type] = set()
         self._delay = delay
         self._slice = slice_seconds
         self._max = max_pending
@@ -140,8 +143,8 @@ class _Observer:
             observe, exchange = pending.popleft()
             try:
                 observe(exchange)
-            except Exception:
-                log.exception("observing an exchange failed")
+            except Exception as exc:
+                self._failed(exc)
             if pending and clock() > end:
                 asyncio.get_running_loop().call_soon(self._drain)  # let sockets in, then go on
                 return
@@ -153,8 +156,15 @@ class _Observer:
             observe, exchange = self._pending.popleft()
             try:
                 observe(exchange)
-            except Exception:
-                log.exception("observing an exchange failed")
+            except Exception as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """A bug in reading along: counted every time, its traceback logged once per kind."""
+        self._on_error(exc)
+        if type(exc) not in self._errors_logged:
+            self._errors_logged.add(type(exc))
+            log.error("observing an exchange failed (counted as unparsed 'internal'; logged once)", exc_info=exc)
 
 
 class Sidecar:
@@ -168,11 +178,14 @@ class Sidecar:
         for name, reading in self.settings.models.items():
             try:
                 self._names[name] = reading.names(base)
-            except OSError as exc:
-                raise ConfigError.from_message(
-                    f"sidecar.models.{name}.class_names_file", f"cannot read: {exc.strerror or exc}") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+                where = str(base / reading.class_names_file) if reading.class_names_file else "class_names_file"
+                raise ConfigError([ConfigProblem(where, None, f"sidecar.models.{name}.class_names_file",
+                                                 f"cannot read: {why}")]) from None
         self.observer = _Observer(lambda: collector.count_unparsed("observation_backlog"),
-                                  after_batch=collector.evaluate_silent_events)
+                                  after_batch=collector.evaluate_silent_events,
+                                  on_error=lambda exc: collector.count_unparsed("internal"))
         upstream_host, upstream_port = split_address(self.settings.triton.http)
         self.http = HttpProxy(
             upstream_host, upstream_port,
@@ -212,7 +225,7 @@ class Sidecar:
             header, outputs = http_tensors(
                 response_body, _int_header(exchange.response_headers, b"inference-header-content-length"), "outputs")
         except TensorError as exc:
-            self.collector.count_unparsed(f"http_{exc.reason}", detail=str(exc))
+            self.collector.count_unparsed(f"http_{exc.reason}", detail=str(exc), model=exchange.model)
             return
         version = exchange.version or str(header.get("model_version") or "")
         self._observe_items(exchange.model, version, exchange.inference_id, inputs, outputs)
@@ -236,7 +249,7 @@ class Sidecar:
             inputs = grpc_tensors(request, "inputs")
             outputs = grpc_tensors(response, "outputs")
         except TensorError as exc:
-            self.collector.count_unparsed(f"grpc_{exc.reason}", detail=str(exc))
+            self.collector.count_unparsed(f"grpc_{exc.reason}", detail=str(exc), model=request.model_name)
             return
         version = request.model_version or response.model_version
         self._observe_items(request.model_name, version, exchange.inference_id, inputs, outputs)
@@ -246,7 +259,7 @@ class Sidecar:
         try:
             items: list[ReadItem] = read_items(reading, self._names[model], inputs, outputs)
         except TensorError as exc:
-            self.collector.count_unparsed(exc.reason, detail=str(exc))
+            self.collector.count_unparsed(exc.reason, detail=str(exc), model=model)
             return
         name = reading.model or model
         now = time.time()

@@ -49,8 +49,9 @@ class TensorError(ValueError):
         self.reason = reason
 
 
+# memoryview.cast formats (no FP16: memoryview cannot cast to "e"; numpy reads those)
 _CAST = {"BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q", "INT8": "b", "INT16": "h",
-         "INT32": "i", "INT64": "q", "FP16": "e", "FP32": "f", "FP64": "d"}
+         "INT32": "i", "INT64": "q", "FP32": "f", "FP64": "d"}
 _LITTLE_ENDIAN = sys.byteorder == "little"  # KServe's binary tensors are little-endian
 
 
@@ -91,7 +92,7 @@ class Tensor:
         if self._flat is None:
             if self._views is not None:
                 self._flat = [bytes(view) for view in self._views]
-            elif self._raw is not None and _LITTLE_ENDIAN:
+            elif self._raw is not None and _LITTLE_ENDIAN and self.datatype in _CAST:
                 self._flat = memoryview(self._raw).cast(_CAST[self.datatype]).tolist()
             else:
                 self._flat = self.array.reshape(-1).tolist()
