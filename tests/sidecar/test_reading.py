@@ -270,17 +270,10 @@ def test_boxes_of_a_model_that_saw_the_upright_image_land_on_it(orientation, siz
     from edgecatch.observation import Observation
     from edgecatch.policies.decision import Decision
 
-    width, height = size
-    stored = Image.new("RGB", size, (128, 128, 128))
-    stored.paste((255, 0, 0), (40, 60, 160, 150))
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buffer = io.BytesIO()
-    stored.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
-    data = buffer.getvalue()
+    from tests.exif_images import marked_exif_jpeg
+
+    data, (x1, y1, x2, y2) = marked_exif_jpeg(size, orientation)
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    red = np.argwhere(np.asarray(upright.convert("RGB"))[:, :, 0] > 200)
-    (y1, x1), (y2, x2) = red.min(axis=0), red.max(axis=0) + 1
     body, length = request_body([data])
     _, inputs = http_tensors(body, length, "inputs")
     answer, answer_length = response_body({

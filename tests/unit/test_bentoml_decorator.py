@@ -65,24 +65,16 @@ def test_boxes_of_an_upright_image_land_on_it_after_delivery_prepares_it(orienta
     upright image; the sample's box must be on the same pixels, also for flips and 180° turns."""
     import io
 
-    import numpy as np
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     from edgecatch.delivery.prepare import build_record, prepare_image
     from edgecatch.integrations.bentoml import _captured, _Watcher
     from edgecatch.integrations.results import resolve_adapter
     from edgecatch.policies.decision import Decision
 
-    stored = Image.new("RGB", (400, 300), (128, 128, 128))
-    stored.paste((255, 0, 0), (40, 60, 160, 150))
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buffer = io.BytesIO()
-    stored.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
-    data = buffer.getvalue()
-    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    red = np.argwhere(np.asarray(upright)[:, :, 0] > 200)
-    (y1, x1), (y2, x2) = red.min(axis=0), red.max(axis=0) + 1
+    from tests.exif_images import marked_exif_jpeg
+
+    data, (x1, y1, x2, y2) = marked_exif_jpeg((400, 300), orientation)
 
     class Recording:
         def __init__(self):
