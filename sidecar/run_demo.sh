@@ -58,8 +58,13 @@ echo "smoke test through the sidecar (HTTP JSON, HTTP binary tensors, gRPC; 1 im
 status=0
 "$PY" "$REPO/sidecar/smoke_test.py" --http 127.0.0.1:8010 --grpc 127.0.0.1:8011 || status=$?
 echo
-curl -fsS -D - -o /dev/null -H 'Content-Type: application/json' \
-    -d '{"inputs":[{"name":"IMAGE","datatype":"BYTES","shape":[1,1],"data":["aGVsbG8="]}]}' \
+# One request with a real image (one of the shipped test images), whose id a verdict can name.
+"$PY" -c 'import base64, json, sys; sys.path.insert(0, sys.argv[1])
+from bento_service.sample_images import sample_jpegs
+image = base64.b64encode(sample_jpegs(include_sklearn=False)["chelsea"]).decode()
+print(json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 1], "data": [image]}]}))' \
+    "$REPO" > "$LOGS/demo_request.json"
+curl -fsS -D - -o /dev/null -H 'Content-Type: application/json' -d @"$LOGS/demo_request.json" \
     http://127.0.0.1:8010/v2/models/trivial_detector/infer | grep -i '^x-edgecatch-inference-id' || true
 echo "health:  $(curl -sS http://127.0.0.1:8012/edgecatch/healthz)"
 echo "metrics: $(curl -sS http://127.0.0.1:8012/metrics | grep -c '^edgecatch_') edgecatch series on http://127.0.0.1:8012/metrics"
@@ -70,5 +75,5 @@ if [[ "${1:-}" == "--check" ]]; then
 fi
 echo
 echo "Triton on 8000/8001, sidecar on 8010/8011 (admin 8012). Ctrl-C stops both."
-echo "A verdict: curl -d '{\"inference_id\": \"<id>\", \"verdict\": \"incorrect\"}' -H 'Content-Type: application/json' http://127.0.0.1:8010/edgecatch/feedback"
+echo "A verdict on the prediction above (its id): curl -d '{\"inference_id\": \"<id>\", \"verdict\": \"incorrect\"}' -H 'Content-Type: application/json' http://127.0.0.1:8010/edgecatch/feedback"
 wait "${pids[@]}"

@@ -59,7 +59,7 @@ def _open(args: argparse.Namespace):
             raise CommandError(str(exc)) from None
         spool_dir = spool_dir or config.spool_dir
     if not Path(spool_dir).is_dir():
-        raise CommandError(f"no spool at {spool_dir}")
+        raise CommandError(f"no spool at {spool_dir} (a service creates it when it starts with this config)")
     if not (Path(spool_dir) / "FORMAT").is_file():  # opening it would turn any folder into a spool
         raise CommandError(f"{spool_dir} is not an edgecatch spool (it has no FORMAT file)")
     # A private registry: this command's view must not touch a serving process's metrics.
