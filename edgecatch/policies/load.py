@@ -98,13 +98,18 @@ def load_model_text(model: type[M], text: str, source: str) -> M:
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(source, root.start_mark.line + 1, "", "the document must be a mapping")])
+    # Checks of the raw document a model offers (`raw_errors`), so that they are reported even when
+    # other parts fail: a validator of the whole list would only run once every item is valid.
+    raw_errors = getattr(model, "raw_errors", None)
+    early = [_problem(error, root, source, model) for error in raw_errors(data)] if raw_errors else []
     try:
         document = model.model_validate(data)
     except ValidationError as exc:
-        problems = duplicates + [_problem(error, root, source, model) for error in exc.errors()]
-        raise ConfigError(sorted(problems, key=lambda p: p.line or 0)) from None
-    if duplicates:
-        raise ConfigError(duplicates)
+        problems = duplicates + early + [_problem(error, root, source, model) for error in exc.errors()]
+        unique = {str(problem): problem for problem in problems}  # a raw check may repeat a validator's
+        raise ConfigError(sorted(unique.values(), key=lambda p: p.line or 0)) from None
+    if duplicates or early:
+        raise ConfigError(sorted(duplicates + early, key=lambda p: p.line or 0))
     return document
 
 

@@ -199,6 +199,24 @@ class PolicyDocument(_Strict):
                 raise ValueError(f"unknown placeholder {{{placeholder}}}; known: {known}")
         return value
 
+    @classmethod
+    def raw_errors(cls, data: Any) -> list[dict[str, Any]]:
+        """Every duplicate policy name, from the raw document (see `edgecatch.policies.load`): the
+        list's own validator below runs only when every policy in it is valid, and stops at one."""
+        errors: list[dict[str, Any]] = []
+        policies = data.get("policies") if isinstance(data, dict) else None
+        first_index: dict[str, int] = {}
+        for index, policy in enumerate(policies if isinstance(policies, list) else []):
+            name = policy.get("name") if isinstance(policy, dict) else None
+            if not isinstance(name, str):
+                continue
+            if name in first_index:
+                errors.append({"type": "duplicate_name", "loc": ("policies", index, "name"),
+                               "msg": f"duplicate policy name {name!r} (first used by policies[{first_index[name]}])"})
+            else:
+                first_index[name] = index
+        return errors
+
     @field_validator("policies")
     @classmethod
     def _unique_names(cls, value: list[Policy]) -> list[Policy]:

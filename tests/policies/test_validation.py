@@ -96,6 +96,23 @@ def test_duplicate_policy_name_points_at_the_duplicate():
     """) == ["p.yaml:7: policies[2].name: duplicate policy name 'a' (first used by policies[0])"]
 
 
+def test_every_duplicate_policy_name_is_reported_with_the_other_errors():
+    assert problems("""
+        version: 1
+        policies:
+          - name: a
+            random: 0.1
+          - name: b
+            random: 0.1
+          - name: a
+            random: 2
+          - name: b
+            random: 0.1
+    """) == ["p.yaml:7: policies[2].name: duplicate policy name 'a' (first used by policies[0])",
+             "p.yaml:8: policies[2].random: Input should be less than or equal to 1",
+             "p.yaml:9: policies[3].name: duplicate policy name 'b' (first used by policies[1])"]
+
+
 def test_duplicate_yaml_key_is_an_error_not_last_one_wins():
     assert problems("""
         version: 1
