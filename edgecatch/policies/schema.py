@@ -203,31 +203,32 @@ class PolicyDocument(_Strict):
     def raw_errors(cls, data: Any) -> list[dict[str, Any]]:
         """Every duplicate policy name, from the raw document (see `edgecatch.policies.load`): the
         list's own validator below runs only when every policy in it is valid, and stops at one."""
-        errors: list[dict[str, Any]] = []
         policies = data.get("policies") if isinstance(data, dict) else None
-        first_index: dict[str, int] = {}
-        for index, policy in enumerate(policies if isinstance(policies, list) else []):
-            name = policy.get("name") if isinstance(policy, dict) else None
-            if not isinstance(name, str):
-                continue
-            if name in first_index:
-                errors.append({"type": "duplicate_name", "loc": ("policies", index, "name"),
-                               "msg": f"duplicate policy name {name!r} (first used by policies[{first_index[name]}])"})
-            else:
-                first_index[name] = index
-        return errors
+        names = [p.get("name") if isinstance(p, dict) else None for p in policies] if isinstance(policies, list) else []
+        return [{"type": "duplicate_name", "loc": ("policies", index, "name"),
+                 "msg": f"duplicate policy name {name!r} (first used by policies[{first}])"}
+                for index, name, first in _duplicate_names(names)]
 
     @field_validator("policies")
     @classmethod
     def _unique_names(cls, value: list[Policy]) -> list[Policy]:
-        first_index: dict[str, int] = {}
-        for index, policy in enumerate(value):
-            if policy.name in first_index:
-                # `index` in the context lets the loader point at the duplicate's own line.
-                raise PydanticCustomError(
-                    "duplicate_name",
-                    "duplicate policy name {name} (first used by policies[{first}])",
-                    {"name": repr(policy.name), "first": first_index[policy.name], "index": index},
-                )
-            first_index[policy.name] = index
+        for index, name, first in _duplicate_names([policy.name for policy in value]):
+            # `index` in the context lets the loader point at the duplicate's own line.
+            raise PydanticCustomError(
+                "duplicate_name", "duplicate policy name {name} (first used by policies[{first}])",
+                {"name": repr(name), "first": first, "index": index})
         return value
+
+
+def _duplicate_names(names: list[Any]) -> list[tuple[int, str, int]]:
+    """(index, name, index of its first use) for each repeated name; non-strings are skipped."""
+    first_index: dict[str, int] = {}
+    repeated = []
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        if name in first_index:
+            repeated.append((index, name, first_index[name]))
+        else:
+            first_index[name] = index
+    return repeated
