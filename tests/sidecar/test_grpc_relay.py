@@ -69,13 +69,13 @@ class Wire:
 
 
 class Relay:
-    def __init__(self, observed: set[str]) -> None:
+    def __init__(self, observed: set[str], **options) -> None:
         self.exchanges: list[GrpcExchange] = []
         self.unparsed: list[str] = []
         ids = iter(f"w1-{n:016x}" for n in range(100))
         self.proxy = GrpcProxy("127.0.0.1:1", observed_models=lambda m: m in observed,
                                new_inference_id=lambda: next(ids), on_exchange=self.exchanges.append,
-                               on_unparsed=self.unparsed.append)
+                               on_unparsed=self.unparsed.append, **options)
         self.down = _Downstream(self.proxy)
         self.down.transport = Wire()
         self.up = _Upstream(self.down)
@@ -204,6 +204,26 @@ def test_garbage_request_message_is_counted_and_not_observed():
         relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block) +
                            frame(DATA, END_STREAM, 1, message(b"\xff\xff not protobuf")), 1000)
         assert relay.unparsed == ["grpc_request"] and relay.down.streams == {}
+
+    asyncio.run(run())
+
+
+def test_a_compressed_message_is_inflated_only_up_to_the_limit():
+    """A message that inflates past `max_inflated_bytes` (a gzip bomb: 64 MB of zeros in ~64 KB) is
+    relayed byte for byte but not observed, and never held inflated."""
+    async def run():
+        relay = Relay({"seen"}, max_inflated_bytes=1024 * 1024)
+        request = service_pb2.ModelInferRequest(model_name="seen")
+        request.raw_input_contents.append(bytes(64 * 1024 * 1024))
+        bomb = message(request.SerializeToString(), compressed=True)
+        assert len(bomb) < 200_000
+        small = message(infer_request("seen"), compressed=True)
+        encoder = hpack.Encoder()
+        sent = PREFACE + client_stream(encoder, 1, MODEL_INFER, bomb, split_headers=False) + \
+            client_stream(encoder, 3, MODEL_INFER, small, split_headers=False)
+        relay.client_sends(sent, 16384)
+        assert relay.up.transport.data == sent
+        assert relay.unparsed == ["grpc_request"] and set(relay.down.streams) == {3}  # the small one is read
 
     asyncio.run(run())
 

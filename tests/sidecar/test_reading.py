@@ -322,3 +322,70 @@ def test_a_labels_file_that_cannot_be_read_is_one_clear_line(tmp_path):
             Sidecar(config, collector=None, base=tmp_path)
         assert str(caught.value).splitlines() == [
             f"{tmp_path / file}: sidecar.models.m.class_names_file: cannot read: {problem}"]
+
+
+def test_inflate_bounds_what_a_compressed_body_expands_to():
+    import gzip
+    import zlib
+
+    from edgecatch.integrations.triton.tensors import inflate
+
+    data = b"tensor bytes " * 100
+    assert inflate(gzip.compress(data), 31, len(data)) == data
+    assert inflate(zlib.compress(data), 15, len(data)) == data
+    assert inflate(gzip.compress(data), 47, len(data)) == data  # 47: gzip or zlib, as gRPC sends either
+    bomb = gzip.compress(bytes(50 * 1024 * 1024))  # 50 MB of zeros in ~50 KB
+    assert len(bomb) < 100_000
+    for corrupt, problem in ((bomb, "more than 1048576 bytes"), (gzip.compress(data)[:-20], "truncated"),
+                             (gzip.compress(data) + b"x", "data after"), (b"not gzip", "does not decompress")):
+        with pytest.raises(ValueError, match=problem):
+            inflate(corrupt, 31, 1024 * 1024)
+
+
+class _CountingCollector:
+    """What the sidecar's observation needs of a collector, recording what it counts."""
+
+    def __init__(self) -> None:
+        self.unparsed: list[str] = []
+        self.observed: list = []
+
+    def count_unparsed(self, reason: str, detail: str | None = None, *, model: str | None = None) -> None:
+        self.unparsed.append(reason)
+
+    def evaluate_silent_events(self) -> None: ...
+
+    def new_inference_id(self) -> str:
+        return "w1-0"
+
+    def observe(self, observation, image) -> None:
+        self.observed.append(observation)
+
+
+def test_a_compressed_http_body_is_read_only_up_to_max_request_bytes(tmp_path):
+    """A gzip bomb through the sidecar is relayed (Triton decides what to do with it) but edgecatch
+    inflates it only up to `max_request_bytes`: counted as unreadable, not taken into memory."""
+    import gzip
+
+    from edgecatch.integrations.triton.http_proxy import Exchange
+    from edgecatch.integrations.triton.sidecar import Sidecar, SidecarConfig
+
+    (tmp_path / "policies.yaml").write_text("version: 1\npolicies:\n  - name: all\n    random: 1.0\n")
+    config = SidecarConfig.model_validate({
+        "policies": str(tmp_path / "policies.yaml"), "delivery": {"spool_dir": str(tmp_path / "spool")},
+        "sidecar": {"max_request_bytes": 4 * 1024 * 1024, "models": {"m": {
+            "image": {"input": "IMAGE"}, "classification": {"probabilities": "P"}, "class_names": ["a", "b"]}}}})
+    collector = _CountingCollector()
+    sidecar = Sidecar(config, collector=collector, base=tmp_path)
+    body, length = request_body([jpeg(8, 6)])
+    answer, answer_length = response_body({"P": np.array([[0.2, 0.8]], dtype=np.float32)}, binary=True)
+
+    def exchange(request: bytes) -> Exchange:
+        headers = [(b"content-encoding", b"gzip"), (b"inference-header-content-length", str(length).encode())]
+        return Exchange("m", "", "w1-0", headers, request, 200,
+                        [(b"inference-header-content-length", str(answer_length).encode())], answer)
+
+    sidecar.observe_http(exchange(gzip.compress(body)))
+    assert collector.unparsed == [] and collector.observed[0].classification.top_class == "b"
+    padded = body + bytes(64 * 1024 * 1024)  # a binary tensor body padded with 64 MB of zeros
+    sidecar.observe_http(exchange(gzip.compress(padded, compresslevel=1)))
+    assert collector.unparsed == ["http_encoding"] and len(collector.observed) == 1

@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from dataclasses import dataclass
 import hpack
 
 from edgecatch.integrations.triton.stopping import close_gracefully
+from edgecatch.integrations.triton.tensors import inflate
 
 __all__ = ["GrpcExchange", "GrpcProxy", "INFERENCE_ID_KEY"]
 
@@ -150,9 +150,10 @@ def _stream_response_name_and_id(message: bytes) -> tuple[bytes, bytes] | None:
 class _Messages:
     """gRPC length-prefixed messages reassembled from DATA frame payloads."""
 
-    __slots__ = ("parts", "size", "need", "done")
+    __slots__ = ("parts", "size", "need", "done", "max_inflated")
 
-    def __init__(self) -> None:
+    def __init__(self, max_inflated: int) -> None:
+        self.max_inflated = max_inflated  # a compressed message decompresses to at most this
         self.parts: list[bytes] = []
         self.size = 0
         self.need = 5  # bytes that complete the next prefix or message
@@ -173,8 +174,8 @@ class _Messages:
             message = buffer[offset + 5:offset + 5 + length]
             if buffer[offset]:  # compressed: gzip and deflate (zlib) both decode with wbits=47
                 try:
-                    message = zlib.decompress(message, 47)
-                except zlib.error:
+                    message = inflate(message, 47, self.max_inflated)
+                except ValueError:  # unreadable or too large once inflated: relayed, not observed
                     message = b""
             self.done.append(message)
             offset += 5 + length
@@ -188,10 +189,10 @@ class _Stream:
     __slots__ = ("kind", "requests", "responses", "inference_id", "model_ok", "count", "answered", "awaited",
                  "kept", "unpaired")
 
-    def __init__(self, kind: int) -> None:
+    def __init__(self, kind: int, max_inflated: int) -> None:
         self.kind = kind
-        self.requests = _Messages()
-        self.responses = _Messages()
+        self.requests = _Messages(max_inflated)
+        self.responses = _Messages(max_inflated)
         self.inference_id: str | None = None
         self.model_ok: bool | None = None  # unary: decided when the request message is complete
         self.count = 0  # stream: requests answered so far
@@ -212,6 +213,7 @@ class GrpcProxy:
         on_exchange: Callable[[GrpcExchange], None],
         on_unparsed: Callable[[str], None],
         connect_timeout: float = 10.0,
+        max_inflated_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         host, _, port = upstream.rpartition(":")
         self.upstream_host, self.upstream_port = host.strip("[]"), int(port)
@@ -220,6 +222,7 @@ class GrpcProxy:
         self.on_exchange = on_exchange
         self.on_unparsed = on_unparsed
         self.connect_timeout = connect_timeout
+        self.max_inflated_bytes = max_inflated_bytes
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_Downstream] = set()
 
@@ -445,9 +448,9 @@ class _Downstream(asyncio.Protocol):
         if stream_id in self.streams:
             return
         if path == MODEL_INFER:
-            self.streams[stream_id] = _Stream(_UNARY)
+            self.streams[stream_id] = _Stream(_UNARY, self.proxy.max_inflated_bytes)
         elif path == MODEL_STREAM_INFER:
-            stream = self.streams[stream_id] = _Stream(_STREAM)
+            stream = self.streams[stream_id] = _Stream(_STREAM, self.proxy.max_inflated_bytes)
             stream.inference_id = self.proxy.new_inference_id()
 
     def _request_data(self, stream_id: int, stream: _Stream, payload: bytes) -> None:
@@ -460,7 +463,7 @@ class _Downstream(asyncio.Protocol):
         stream.requests.feed(payload)
         if stream.model_ok is None and stream.requests.done:
             model = _model_name(stream.requests.done[0])
-            if model is None:
+            if not model:  # unreadable (or inflated past the limit: empty), or a request naming no model
                 self.proxy.on_unparsed("grpc_request")
                 stream.model_ok = False
             else:
@@ -495,8 +498,8 @@ def _stop_pairing(stream: _Stream, proxy: GrpcProxy) -> None:
     stream.unpaired = True
     stream.awaited.clear()
     stream.kept = 0
-    stream.requests = _Messages()
-    stream.responses = _Messages()
+    stream.requests = _Messages(stream.requests.max_inflated)
+    stream.responses = _Messages(stream.responses.max_inflated)
 
 
 _HIGH_BYTES = bytes(range(0x80, 0x100))

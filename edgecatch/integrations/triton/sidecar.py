@@ -17,12 +17,10 @@ serves the last two as well, so clients that can only reach it can still send ve
 from __future__ import annotations
 
 import asyncio
-import gzip
 import json
 import logging
 import signal
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +32,7 @@ from edgecatch.config import EdgecatchConfig
 from edgecatch.integrations.triton.grpc_proxy import GrpcExchange, GrpcProxy
 from edgecatch.integrations.triton.http_proxy import Exchange, HttpProxy, LocalResponse
 from edgecatch.integrations.triton.reading import ModelReading, ReadItem, read_items
-from edgecatch.integrations.triton.tensors import TensorError, grpc_tensors, http_tensors
+from edgecatch.integrations.triton.tensors import TensorError, grpc_tensors, http_tensors, inflate
 from edgecatch.observation import Observation
 from edgecatch.policies.load import ConfigError, ConfigProblem, load_model
 
@@ -78,7 +76,10 @@ class SidecarSettings(_Strict):
     triton: TritonAddresses = Field(default_factory=TritonAddresses)
     listen: ListenAddresses = Field(default_factory=ListenAddresses)
     models: dict[str, ModelReading] = Field(default_factory=dict)
-    max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024,
+        description="larger HTTP requests get 413; a compressed body or gRPC message is read along only up to "
+                    "this size once inflated")
     upstream_timeout_seconds: float = Field(600.0, gt=0)
     stop_grace_seconds: float = Field(
         20.0, ge=0, description="on SIGTERM: how long calls in progress may take to finish (no new ones start)")
@@ -202,6 +203,7 @@ class Sidecar:
             new_inference_id=collector.new_inference_id,
             on_exchange=self.observer.handler(self.observe_grpc),
             on_unparsed=collector.count_unparsed,
+            max_inflated_bytes=self.settings.max_request_bytes,
         )
         self._admin_runner = None
         self.ports: dict[str, int] = {}
@@ -218,8 +220,11 @@ class Sidecar:
         if exchange.status != 200:
             return  # Triton refused the request: there is no prediction to observe
         try:
-            request_body = _decoded(exchange.request_body, _header(exchange.request_headers, b"content-encoding"))
-            response_body = _decoded(exchange.response_body, _header(exchange.response_headers, b"content-encoding"))
+            limit = self.settings.max_request_bytes
+            request_body = _decoded(exchange.request_body, _header(exchange.request_headers, b"content-encoding"),
+                                    limit)
+            response_body = _decoded(exchange.response_body, _header(exchange.response_headers, b"content-encoding"),
+                                     limit)
             _, inputs = http_tensors(
                 request_body, _int_header(exchange.request_headers, b"inference-header-content-length"), "inputs")
             header, outputs = http_tensors(
@@ -386,17 +391,20 @@ def _int_header(headers: list[tuple[bytes, bytes]], name: bytes) -> int | None:
         raise TensorError("header", f"{name.decode()} is not a number") from None
 
 
-def _decoded(body: bytes, encoding: bytes | None) -> bytes:
+#: wbits for zlib: gzip's wrapper, and HTTP's "deflate" (which is the zlib format, as Triton sends it).
+_CONTENT_ENCODINGS = {b"gzip": 31, b"deflate": 15}
+
+
+def _decoded(body: bytes, encoding: bytes | None, limit: int) -> bytes:
     if not encoding or encoding.lower() == b"identity":
         return body
+    wbits = _CONTENT_ENCODINGS.get(encoding.lower())
+    if wbits is None:
+        raise TensorError("encoding", f"content encoding {encoding.decode()} is not read by edgecatch")
     try:
-        if encoding.lower() == b"gzip":
-            return gzip.decompress(body)
-        if encoding.lower() == b"deflate":
-            return zlib.decompress(body)
-    except (OSError, zlib.error, EOFError):
-        raise TensorError("encoding", f"body does not decode as {encoding.decode()}") from None
-    raise TensorError("encoding", f"content encoding {encoding.decode()} is not read by edgecatch")
+        return inflate(body, wbits, limit)
+    except ValueError as exc:
+        raise TensorError("encoding", f"body in {encoding.decode()} {exc}") from None
 
 
 def _parse_multipart(body: bytes, content_type: str) -> dict[str, Any] | None:

@@ -19,11 +19,12 @@ import json
 import math
 import struct
 import sys
+import zlib
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Tensor", "TensorError", "grpc_tensors", "http_tensors", "split_http_body"]
+__all__ = ["Tensor", "TensorError", "grpc_tensors", "http_tensors", "inflate", "split_http_body"]
 
 _NUMPY_TYPES = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -152,6 +153,25 @@ def _from_list(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> T
     if datatype == "BYTES":
         array = np.vectorize(lambda v: v if isinstance(v, bytes) else str(v).encode(), otypes=[object])(array)
     return Tensor(name, datatype, shape, array)
+
+
+def inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    """Decompress one zlib/gzip/deflate stream (`wbits` as for `zlib.decompressobj`) into at most
+    `limit` bytes. The output is what is bounded, not the input: a few kilobytes of zeros compressed
+    expand a thousandfold, and one such body must not take the sidecar's memory. Raises ValueError past
+    the limit, on corrupt or truncated data, and on data after the stream."""
+    inflater = zlib.decompressobj(wbits)
+    try:
+        output = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"does not decompress ({exc})") from None
+    if len(output) > limit:
+        raise ValueError(f"decompresses to more than {limit} bytes")
+    if not inflater.eof:
+        raise ValueError("is truncated")
+    if inflater.unused_data:
+        raise ValueError("has data after its compressed stream")
+    return output
 
 
 def split_http_body(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
