@@ -16,7 +16,7 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from edgecatch.integrations.triton.grpc_proxy import (
-    MODEL_INFER, MODEL_STREAM_INFER, GrpcExchange, GrpcProxy, _Downstream, _Upstream)
+    MODEL_INFER, MODEL_STREAM_INFER, GrpcExchange, GrpcProxy, _Downstream, _Messages, _Upstream)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEADERS, DATA, CONTINUATION, SETTINGS, PING = 0x1, 0x0, 0x9, 0x4, 0x6
@@ -209,10 +209,11 @@ def test_garbage_request_message_is_counted_and_not_observed():
 
 
 def test_a_compressed_message_is_inflated_only_up_to_the_limit():
-    """A message that inflates past `max_inflated_bytes` (a gzip bomb: 64 MB of zeros in ~64 KB) is
-    relayed byte for byte but not observed, and never held inflated."""
+    """A message that inflates past `max_message_bytes` (a gzip bomb: 64 MB of zeros in ~64 KB) is
+    relayed byte for byte but not observed, and never held inflated; so is a message larger than the
+    limit as sent, which is not held either."""
     async def run():
-        relay = Relay({"seen"}, max_inflated_bytes=1024 * 1024)
+        relay = Relay({"seen"}, max_message_bytes=1024 * 1024)
         request = service_pb2.ModelInferRequest(model_name="seen")
         request.raw_input_contents.append(bytes(64 * 1024 * 1024))
         bomb = message(request.SerializeToString(), compressed=True)
@@ -224,6 +225,43 @@ def test_a_compressed_message_is_inflated_only_up_to_the_limit():
         relay.client_sends(sent, 16384)
         assert relay.up.transport.data == sent
         assert relay.unparsed == ["grpc_request"] and set(relay.down.streams) == {3}  # the small one is read
+
+    asyncio.run(run())
+
+
+def test_an_oversized_message_keeps_the_places_of_the_others_and_is_not_held():
+    messages = _Messages(max_bytes=1024 * 1024)
+    small = infer_request("seen")
+    big = message(bytes(3 * 1024 * 1024))
+    wire = message(small) + big + message(small, compressed=True) + message(small)
+    held = 0
+    for start in range(0, len(wire), 65536):
+        messages.feed(wire[start:start + 65536])
+        held = max(held, messages.size)
+    assert messages.done == [small, b"", small, small]
+    assert held < 2 * 65536 and messages.parts == [] and messages.skip == 0
+
+
+def test_a_stream_with_an_oversized_request_pairs_the_rest():
+    async def run():
+        relay = Relay({"seen"}, max_message_bytes=1024 * 1024)
+        client_enc, triton_enc = hpack.Encoder(), hpack.Encoder()
+        block = client_enc.encode([(":method", "POST"), (":path", MODEL_STREAM_INFER.decode())])
+        oversized = service_pb2.ModelInferRequest(model_name="seen")
+        oversized.raw_input_contents.append(bytes(2 * 1024 * 1024))
+        requests = message(infer_request("seen")) + message(oversized.SerializeToString()) + \
+            message(infer_request("seen"))
+        relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block), 100)
+        for start in range(0, len(requests), 16384):
+            relay.client_sends(frame(DATA, 0, 1, requests[start:start + 16384]), 100_000)
+        responses = [stream_response("seen", output=str(n)) for n in range(3)]
+        head = triton_enc.encode([(":status", "200"), ("content-type", "application/grpc")])
+        relay.triton_sends(frame(HEADERS, END_HEADERS, 1, head) +
+                           b"".join(frame(DATA, 0, 1, message(r)) for r in responses), 1000)
+        await asyncio.sleep(0)
+        assert relay.unparsed == ["grpc_request"]
+        assert [e.response for e in relay.exchanges] == [responses[0], responses[2]]
+        assert [e.inference_id.rsplit(".", 1)[1] for e in relay.exchanges] == ["0", "2"]
 
     asyncio.run(run())
 

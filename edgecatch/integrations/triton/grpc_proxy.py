@@ -26,7 +26,10 @@ Observation reads along:
   answers), so a burst never shifts the pairing. A response that names another model or another
   request id than the request in its place, or one with no request left (a decoupled model answers
   a request several times), ends the observation of that stream, counted as `grpc_stream_unpaired`:
-  from then on it is only relayed, and holds no memory.
+  from then on it is only relayed, and holds no memory. (A request edgecatch cannot read keeps its
+  place unchecked.)
+- A message larger than `max_message_bytes` (the sidecar's `max_request_bytes`), as sent or once
+  inflated, is relayed without being held or observed (`grpc_request`).
 Parsing happens as bytes pass; `on_exchange` gets each observed pair once its answer has been
 written to the client, and only queues it for observation. A connection whose header blocks cannot be
 decoded is relayed blind (counted in `edgecatch_unparsed_total{reason="grpc_headers"}`).
@@ -148,18 +151,28 @@ def _stream_response_name_and_id(message: bytes) -> tuple[bytes, bytes] | None:
 
 
 class _Messages:
-    """gRPC length-prefixed messages reassembled from DATA frame payloads."""
+    """gRPC length-prefixed messages reassembled from DATA frame payloads.
 
-    __slots__ = ("parts", "size", "need", "done", "max_inflated")
+    A message larger than `max_bytes` (as sent, or once inflated) is not held: it counts as one
+    empty (unreadable) message, so the messages after it keep their places."""
 
-    def __init__(self, max_inflated: int) -> None:
-        self.max_inflated = max_inflated  # a compressed message decompresses to at most this
+    __slots__ = ("parts", "size", "need", "done", "max_bytes", "skip")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
         self.parts: list[bytes] = []
         self.size = 0
         self.need = 5  # bytes that complete the next prefix or message
         self.done: list[bytes] = []
+        self.skip = 0  # bytes of an oversized message still to come, dropped as they pass
 
     def feed(self, payload: bytes) -> None:
+        if self.skip:
+            if len(payload) <= self.skip:
+                self.skip -= len(payload)
+                return
+            payload = payload[self.skip:]
+            self.skip = 0
         self.parts.append(payload)
         self.size += len(payload)
         if self.size < self.need:
@@ -168,14 +181,22 @@ class _Messages:
         offset, size = 0, len(buffer)
         while size - offset >= 5:
             length = int.from_bytes(buffer[offset + 1:offset + 5], "big")
+            if length > self.max_bytes:
+                self.done.append(b"")
+                if size - offset - 5 < length:
+                    self.skip = length - (size - offset - 5)
+                    offset = size
+                    break
+                offset += 5 + length
+                continue
             if size - offset < 5 + length:
                 self.need = 5 + length
                 break
             message = buffer[offset + 5:offset + 5 + length]
             if buffer[offset]:  # compressed: gzip and deflate (zlib) both decode with wbits=47
                 try:
-                    message = inflate(message, 47, self.max_inflated)
-                except ValueError:  # unreadable or too large once inflated: relayed, not observed
+                    message = inflate(message, 47, self.max_bytes)
+                except ValueError:  # unreadable, or too large once inflated
                     message = b""
             self.done.append(message)
             offset += 5 + length
@@ -189,10 +210,10 @@ class _Stream:
     __slots__ = ("kind", "requests", "responses", "inference_id", "model_ok", "count", "answered", "awaited",
                  "kept", "unpaired")
 
-    def __init__(self, kind: int, max_inflated: int) -> None:
+    def __init__(self, kind: int, max_message_bytes: int) -> None:
         self.kind = kind
-        self.requests = _Messages(max_inflated)
-        self.responses = _Messages(max_inflated)
+        self.requests = _Messages(max_message_bytes)
+        self.responses = _Messages(max_message_bytes)
         self.inference_id: str | None = None
         self.model_ok: bool | None = None  # unary: decided when the request message is complete
         self.count = 0  # stream: requests answered so far
@@ -213,7 +234,7 @@ class GrpcProxy:
         on_exchange: Callable[[GrpcExchange], None],
         on_unparsed: Callable[[str], None],
         connect_timeout: float = 10.0,
-        max_inflated_bytes: int = 256 * 1024 * 1024,
+        max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         host, _, port = upstream.rpartition(":")
         self.upstream_host, self.upstream_port = host.strip("[]"), int(port)
@@ -222,7 +243,7 @@ class GrpcProxy:
         self.on_exchange = on_exchange
         self.on_unparsed = on_unparsed
         self.connect_timeout = connect_timeout
-        self.max_inflated_bytes = max_inflated_bytes
+        self.max_message_bytes = max_message_bytes  # larger messages are relayed, not read along
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_Downstream] = set()
 
@@ -448,9 +469,9 @@ class _Downstream(asyncio.Protocol):
         if stream_id in self.streams:
             return
         if path == MODEL_INFER:
-            self.streams[stream_id] = _Stream(_UNARY, self.proxy.max_inflated_bytes)
+            self.streams[stream_id] = _Stream(_UNARY, self.proxy.max_message_bytes)
         elif path == MODEL_STREAM_INFER:
-            stream = self.streams[stream_id] = _Stream(_STREAM, self.proxy.max_inflated_bytes)
+            stream = self.streams[stream_id] = _Stream(_STREAM, self.proxy.max_message_bytes)
             stream.inference_id = self.proxy.new_inference_id()
 
     def _request_data(self, stream_id: int, stream: _Stream, payload: bytes) -> None:
@@ -498,8 +519,8 @@ def _stop_pairing(stream: _Stream, proxy: GrpcProxy) -> None:
     stream.unpaired = True
     stream.awaited.clear()
     stream.kept = 0
-    stream.requests = _Messages(stream.requests.max_inflated)
-    stream.responses = _Messages(stream.responses.max_inflated)
+    stream.requests = _Messages(stream.requests.max_bytes)
+    stream.responses = _Messages(stream.responses.max_bytes)
 
 
 _HIGH_BYTES = bytes(range(0x80, 0x100))
@@ -664,7 +685,8 @@ class _Upstream(asyncio.Protocol):
                 return
             name, request_id, request = awaited.popleft()
             answers = _stream_response_name_and_id(response)  # None: Triton refused the request
-            if answers is not None and (answers[0] != name or answers[1] != request_id):
+            # A request edgecatch could not read (no name) cannot be checked against its answer.
+            if answers is not None and name and (answers[0] != name or answers[1] != request_id):
                 _stop_pairing(stream, proxy)
                 return
             if request is not None:

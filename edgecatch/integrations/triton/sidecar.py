@@ -203,7 +203,7 @@ class Sidecar:
             new_inference_id=collector.new_inference_id,
             on_exchange=self.observer.handler(self.observe_grpc),
             on_unparsed=collector.count_unparsed,
-            max_inflated_bytes=self.settings.max_request_bytes,
+            max_message_bytes=self.settings.max_request_bytes,
         )
         self._admin_runner = None
         self.ports: dict[str, int] = {}
