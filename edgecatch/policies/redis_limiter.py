@@ -33,7 +33,6 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from edgecatch.policies.limits import Candidates, MemoryLimiter, Windows
 
@@ -104,17 +103,25 @@ _instances: weakref.WeakSet[RedisLimiter] = weakref.WeakSet()
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by `***`: what logs and errors may show."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
+    """The URL as logs, errors and healthz may show it: the userinfo's password and every query value
+    (`?password=` is how a `unix://` socket gets one) replaced by `***`, any fragment dropped.
+
+    Split by hand, not with urlsplit: a password holding `#`, `/` or `?` (not percent-encoded) moves
+    urlsplit's boundaries and would leave part of it in the "host", path or fragment."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
         return "<unparsable URL>"
+    userinfo = ""
+    if "@" in rest:
+        credentials, _, rest = rest.rpartition("@")
+        # redis-py reads `user:password@`; without a colon the whole userinfo may be a password
+        userinfo = (credentials.split(":", 1)[0] + ":***@") if ":" in credentials else "***@"
+    rest = rest.split("#", 1)[0]
+    location, question, query = rest.partition("?")
+    if question:
+        masked = "&".join(f"{pair.split('=', 1)[0]}=***" if "=" in pair else pair for pair in query.split("&"))
+        location += "?" + masked
+    return f"{scheme}://{userinfo}{location}"
 
 
 def scale_windows(windows: Windows, replicas: int) -> Windows:

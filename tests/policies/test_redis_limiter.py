@@ -529,6 +529,15 @@ def test_limits_config_validates_and_never_shows_a_password():
     assert "hunter2" not in repr(config) and "hunter2" not in repr(EdgecatchConfig(limits=config))
     assert redact_url("redis://user:hunter2@h:6379/1") == "redis://user:***@h:6379/1"
     assert redact_url("redis://h:6379/1") == "redis://h:6379/1"
+    for url, shown in (
+            ("redis://127.0.0.1:6379/0?password=hunter2", "redis://127.0.0.1:6379/0?password=***"),
+            ("unix:///run/redis.sock?db=2&password=hunter2", "unix:///run/redis.sock?db=***&password=***"),
+            ("redis://:hun#ter2@h:6379", "redis://:***@h:6379"),
+            ("redis://u:hun/ter?2@h/0", "redis://u:***@h/0"),
+            ("rediss://hunter2@h", "rediss://***@h"),
+            ("redis://h/0#hunter2", "redis://h/0"),
+            ("hunter2", "<unparsable URL>")):
+        assert redact_url(url) == shown
     with pytest.raises(ConfigError):
         load_model_text(EdgecatchConfig, "limits: {on_unavailable: fail_maybe}\n", "e.yaml")
 
