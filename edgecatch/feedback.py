@@ -32,7 +32,8 @@ from edgecatch.records import DetectionRecord
 if TYPE_CHECKING:
     from edgecatch.collector import Collector
 
-__all__ = ["MAX_JSON_BYTES", "FeedbackAnswer", "FeedbackRequest", "answer_before_reading", "handle_feedback"]
+__all__ = ["MAX_JSON_BYTES", "FeedbackAnswer", "FeedbackRequest", "answer_before_reading", "feedback_body_limit",
+           "handle_feedback", "malformed_multipart"]
 
 
 class CorrectedLabels(BaseModel):
@@ -113,7 +114,7 @@ def answer_before_reading(collector: Collector, authorization: str | None, conte
     token, or with a body larger than the route takes, must not make the service hold it first."""
     if not authorized(collector.feedback_token, authorization):
         return _error(401, "missing or wrong bearer token")
-    limit = collector.max_feedback_image_bytes + MAX_JSON_BYTES if multipart else MAX_JSON_BYTES
+    limit = feedback_body_limit(collector, multipart)
     try:
         too_large = content_length is not None and int(content_length) > limit
     except ValueError:
@@ -121,6 +122,16 @@ def answer_before_reading(collector: Collector, authorization: str | None, conte
     if too_large:
         return _error(413, f"body larger than {limit} bytes")
     return None
+
+
+def feedback_body_limit(collector: Collector, multipart: bool) -> int:
+    """The most body bytes the route reads: a verdict's JSON, plus the image for multipart. Also
+    what a body without Content-Length (chunked) is cut off at."""
+    return collector.max_feedback_image_bytes + MAX_JSON_BYTES if multipart else MAX_JSON_BYTES
+
+
+def malformed_multipart(detail: str = "") -> FeedbackAnswer:
+    return _error(400, f"malformed multipart body: {detail}" if detail else "malformed multipart body")
 
 
 def handle_feedback(

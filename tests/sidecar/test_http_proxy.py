@@ -64,8 +64,18 @@ def harness():
     exchanges: list[Exchange] = []
     ids = iter(f"id-{n}" for n in range(10_000))
 
+    local_bodies: list[bytes] = []
+
     async def local(method, url, headers, body):
+        local_bodies.append(body)
         return LocalResponse(200, b'{"local":true}')
+
+    def precheck(method, url, headers):
+        # as the sidecar's feedback route: a token from the headers, and a route's own body limit
+        if url.startswith(b"/edgecatch/feedback") and (b"authorization", b"Bearer t") not in \
+                [(name.lower(), value) for name, value in headers]:
+            return LocalResponse(401, b'{"error":"token"}')
+        return 1000
 
     async def setup():
         runner = web.AppRunner(await upstream_app())
@@ -74,7 +84,7 @@ def harness():
         await web.TCPSite(runner, "127.0.0.1", up_port).start()
         proxy = HttpProxy("127.0.0.1", up_port, observed_models=lambda m: m == "seen",
                           new_inference_id=lambda: next(ids), on_exchange=exchanges.append,
-                          local_handler=local, max_request_bytes=1024 * 1024)
+                          local_handler=local, local_precheck=precheck, max_request_bytes=1024 * 1024)
         port = await proxy.start("127.0.0.1", 0)
         return runner, proxy, port, up_port
 
@@ -85,6 +95,7 @@ def harness():
 
     h = H()
     h.loop, h.port, h.up_port, h.exchanges, h.proxy = loop, port, up_port, exchanges, proxy
+    h.local_bodies = local_bodies
     yield h
     loop.run_until_complete(proxy.close())
     loop.run_until_complete(runner.cleanup())
@@ -177,6 +188,47 @@ def test_upstream_errors_pass_through(harness):
 def test_local_routes_are_served_by_edgecatch(harness):
     out = raw_exchange(harness, b"GET /edgecatch/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200") and out.endswith(b'{"local":true}')
+
+
+def test_edgecatch_routes_answer_from_the_headers_without_holding_the_body(harness):
+    """No token: answered from the headers alone, before the body is sent; the body is then read
+    and skipped (a client still sending gets to read the answer, not a reset) and the connection
+    closed. Behind another request of the connection: the body is skipped as it arrives (never
+    held, the local handler never called) and answered in turn, the connection still in step. A
+    body over the route's own limit: 413, though it is under max_request_bytes."""
+    async def answered_before_the_body():
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.write(b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b'{"error":"token"}'), 10)
+        writer.write(b"x" * 900000)
+        rest = await asyncio.wait_for(reader.read(-1), 10)  # closed once the body has passed
+        writer.close()
+        return answer, rest
+
+    answer, rest = harness.loop.run_until_complete(answered_before_the_body())
+    assert answer.startswith(b"HTTP/1.1 401") and b"Connection: close" in answer and rest == b""
+    assert harness.local_bodies == []
+    expecting = raw_exchange(harness, b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n"
+                                      b"Expect: 100-continue\r\n\r\n")  # told not to send its body: closed
+    assert expecting.startswith(b"HTTP/1.1 401") and b"100 Continue" not in expecting
+
+    big = b"x" * (900 * 1024)
+    out = raw_exchange(harness, b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                       b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(big) + big +
+                       b"GET /edgecatch/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answers = out.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"401", b"200"]
+    assert answers[0].endswith(b'{"echo":2}') and answers[2].endswith(b'{"local":true}')
+    assert harness.local_bodies == [b""]  # only the healthz request reached the handler
+
+    over = b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Length: 1001\r\n\r\n"
+    assert raw_exchange(harness, over + b"x" * 1001).startswith(b"HTTP/1.1 413")
+    chunked = b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n" \
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"200\r\n" + b"y" * 512 + b"\r\n" + b"200\r\n" + b"y" * 512 + b"\r\n0\r\n\r\n"
+    assert raw_exchange(harness, chunked).startswith(b"HTTP/1.1 413")
+    fits = b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Length: 5\r\n" \
+        b"Connection: close\r\n\r\nhello"
+    assert raw_exchange(harness, fits).startswith(b"HTTP/1.1 200") and harness.local_bodies[-1] == b"hello"
 
 
 def test_malformed_and_oversized_requests(harness):

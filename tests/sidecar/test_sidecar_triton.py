@@ -775,13 +775,17 @@ def test_feedback_by_inference_id(triton, sidecar, dataset, images, port):
     assert [d["class"] for d in entry["detections"]] == ["person", "face", "person"]
 
 
-def test_admin_feedback_refuses_an_oversized_body_from_its_headers(sidecar):
+def test_feedback_refuses_an_oversized_body_from_its_headers_on_both_ports(sidecar):
+    """A verdict's JSON takes at most 1 MB: a larger one is refused before its body is read, on the
+    admin port and on the client-facing HTTP port alike (where inference requests may be far larger)."""
     import socket
 
-    with socket.create_connection(("127.0.0.1", sidecar.admin_port), timeout=20) as sock:
-        sock.sendall(b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 10000000000\r\n\r\n{")  # 10 GB announced, a byte sent
-        assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+    for port in (sidecar.admin_port, int(sidecar.http.rsplit(":", 1)[1])):
+        for announced in (b"10000000000", b"2000000"):  # 10 GB, 2 MB announced; a byte sent
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+                sock.sendall(b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + announced + b"\r\n\r\n{")
+                assert sock.recv(65536).startswith(b"HTTP/1.1 413"), (port, announced)
 
 
 def test_metrics_and_health(triton, sidecar):

@@ -65,6 +65,12 @@ class LocalResponse:
 LocalHandler = Callable[[bytes, bytes, list[tuple[bytes, bytes]], bytes], Awaitable[LocalResponse]]
 """(method, url, headers, body) -> response, for requests under /edgecatch/."""
 
+LocalPrecheck = Callable[[bytes, bytes, list[tuple[bytes, bytes]]], "LocalResponse | int"]
+"""(method, url, headers) -> for a request under /edgecatch/ once its headers are in: an answer
+given without its body (which is then skipped as it arrives, never held: a client without the
+token cannot make the sidecar read and keep a large upload), or the most body bytes the route takes
+(more: 413)."""
+
 _REASONS = {200: b"OK", 202: b"Accepted", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
             409: b"Conflict", 413: b"Payload Too Large", 502: b"Bad Gateway", 503: b"Service Unavailable",
             500: b"Internal Server Error"}
@@ -90,7 +96,8 @@ def _origin_form(url: bytes) -> bytes:
 
 
 class _Request:
-    __slots__ = ("method", "url", "headers", "body", "keep_alive", "version", "awaits_continue")
+    __slots__ = ("method", "url", "headers", "body", "keep_alive", "version", "awaits_continue", "early",
+                 "early_sent", "limit")
 
     def __init__(self) -> None:
         self.method = b""
@@ -100,6 +107,9 @@ class _Request:
         self.keep_alive = True
         self.version = "1.1"
         self.awaits_continue = False  # sent `Expect: 100-continue`, not yet answered with 100
+        self.early: LocalResponse | None = None  # an edgecatch route's answer decided from the headers
+        self.early_sent = False  # ... and already written, before the body
+        self.limit: int | None = None  # an edgecatch route's own body limit
 
     @property
     def head_only(self) -> bool:
@@ -118,6 +128,7 @@ class HttpProxy:
         new_inference_id: Callable[[], str],
         on_exchange: Callable[[Exchange], None],
         local_handler: LocalHandler | None = None,
+        local_precheck: LocalPrecheck | None = None,
         max_request_bytes: int = 256 * 1024 * 1024,
         max_idle_upstream: int = 64,
         upstream_timeout: float = 600.0,
@@ -128,6 +139,7 @@ class HttpProxy:
         self.new_inference_id = new_inference_id
         self.on_exchange = on_exchange
         self.local_handler = local_handler
+        self.local_precheck = local_precheck
         self.max_request_bytes = max_request_bytes
         self.max_idle_upstream = max_idle_upstream
         self.upstream_timeout = upstream_timeout
@@ -432,7 +444,10 @@ class _Client(asyncio.Protocol):
                 if self._upgrade_body is not None:
                     data = self._upgrade_body_data(data)
             except httptools.HttpParserError:
-                if self._too_large:
+                current = self._current
+                if current is not None and current.early_sent:
+                    self._close()  # answered already
+                elif self._too_large:
                     self._fail(413, b'{"error":"request body larger than the sidecar accepts"}')
                 else:
                     self._fail(400, b'{"error":"malformed HTTP request"}')
@@ -478,9 +493,25 @@ class _Client(asyncio.Protocol):
         request = self._current
         request.method = self._parser.get_method()
         request.version = self._parser.get_http_version()
+        limit = self.proxy.max_request_bytes
+        if b"/edgecatch/" in request.url and self.proxy.local_precheck is not None \
+                and _origin_form(request.url).startswith(b"/edgecatch/"):
+            verdict = self.proxy.local_precheck(request.method, _origin_form(request.url), request.headers)
+            if isinstance(verdict, LocalResponse):
+                request.early = verdict  # its body is skipped as it arrives, never held
+                if not self._busy and not self._queue:
+                    # Its turn: answered at once, and the connection closed once the body has passed
+                    # (read, not refused: a client still sending would get a reset instead of this answer).
+                    self.write(_response_bytes(verdict.status, verdict.body, verdict.content_type, verdict.headers,
+                                               keep_alive=False, head_only=request.head_only))
+                    request.early_sent = True
+            else:
+                request.limit = limit = min(limit, verdict)
         for name, value in request.headers:
             if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
-                if (_content_length(request) or 0) > self.proxy.max_request_bytes:
+                if request.early_sent:  # the client waits to hear whether to send its body: it need not
+                    raise httptools.HttpParserError("answered without its body")
+                if (_content_length(request) or 0) > limit:
                     self._too_large = True  # say so before the client sends the body
                     raise httptools.HttpParserError("body too large")
                 request.awaits_continue = True
@@ -493,14 +524,16 @@ class _Client(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
-        if self._size > self.proxy.max_request_bytes:
+        current = self._current
+        if self._size > (self.proxy.max_request_bytes if current.limit is None else current.limit):
             self._too_large = True
             raise httptools.HttpParserError("body too large")  # answered with 413 in data_received
-        self._current.body.append(body)
+        if current.early is None:
+            current.body.append(body)
 
     def on_message_complete(self) -> None:
         request, self._current = self._current, None
-        request.keep_alive = self._parser.should_keep_alive()
+        request.keep_alive = self._parser.should_keep_alive() and not request.early_sent
         if self._parser.should_upgrade():
             length = _content_length(request)
             if length:
@@ -582,8 +615,11 @@ class _Client(asyncio.Protocol):
         upstream.send(self, pending)
 
     async def _local(self, request: _Request, path: bytes, body: bytes) -> None:
+        if request.early_sent:
+            self.answered_request(request)
+            return
         try:
-            answer = await self.proxy.local_handler(request.method, path, request.headers, body)
+            answer = request.early or await self.proxy.local_handler(request.method, path, request.headers, body)
             self.write(_response_bytes(answer.status, answer.body, answer.content_type, answer.headers,
                                        keep_alive=request.keep_alive, head_only=request.head_only))
         except Exception:

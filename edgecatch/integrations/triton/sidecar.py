@@ -194,6 +194,7 @@ class Sidecar:
             new_inference_id=collector.new_inference_id,
             on_exchange=self.observer.handler(self.observe_http),
             local_handler=self._local,
+            local_precheck=self._local_precheck,
             max_request_bytes=self.settings.max_request_bytes,
             upstream_timeout=self.settings.upstream_timeout_seconds,
         )
@@ -278,6 +279,23 @@ class Sidecar:
 
     # -- edgecatch's own routes ------------------------------------------------------------------
 
+    def _local_precheck(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]]) -> LocalResponse | int:
+        """What can be answered from an edgecatch route's headers, before its body is read; else the
+        most body bytes it takes."""
+        path = url.split(b"?", 1)[0]
+        if path == b"/edgecatch/feedback" and method == b"POST":
+            from edgecatch.feedback import answer_before_reading, feedback_body_limit
+
+            multipart = (_header(headers, b"content-type") or b"").startswith(b"multipart/form-data")
+            authorization = (_header(headers, b"authorization") or b"").decode("latin-1") or None
+            length = _header(headers, b"content-length")
+            early = answer_before_reading(self.collector, authorization,
+                                          length.decode("latin-1") if length is not None else None, multipart)
+            if early is not None:
+                return _local_answer(early)
+            return feedback_body_limit(self.collector, multipart)
+        return 0  # the other routes take no body
+
     async def _local(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> LocalResponse:
         path = url.split(b"?", 1)[0]
         if path == b"/edgecatch/healthz" and method in (b"GET", b"HEAD"):
@@ -285,20 +303,12 @@ class Sidecar:
             return LocalResponse(status, json.dumps(report).encode())
         if path == b"/edgecatch/feedback" and method == b"POST":
             self.observer.drain_now()  # a verdict right after its answer must find its prediction
-            from edgecatch.feedback import handle_feedback
-
             content_type = (_header(headers, b"content-type") or b"").decode("latin-1")
-            form = None
-            if content_type.startswith("multipart/form-data"):
-                form = _parse_multipart(body, content_type)
-                if form is None:
-                    return LocalResponse(400, b'{"error":"malformed multipart body"}')
             authorization = (_header(headers, b"authorization") or b"").decode("latin-1") or None
+            # Off the event loop, multipart parsing included: the proxies' clients must not wait for it.
             answer = await self.collector.run_in_background(
-                handle_feedback, self.collector, body=body, content_type=content_type,
-                authorization=authorization, form=form)
-            extra = tuple((k.encode(), v.encode()) for k, v in (answer.headers or {}).items())
-            return LocalResponse(answer.status, answer.json_bytes(), headers=extra)
+                _handle_feedback_body, self.collector, body, content_type, authorization)
+            return _local_answer(answer)
         return LocalResponse(404, b'{"error":"no such edgecatch route"}')
 
     async def health(self) -> tuple[int, dict[str, Any]]:
@@ -405,6 +415,23 @@ def _decoded(body: bytes, encoding: bytes | None, limit: int) -> bytes:
         return inflate(body, wbits, limit)
     except ValueError as exc:
         raise TensorError("encoding", f"body in {encoding.decode()} {exc}") from None
+
+
+def _local_answer(answer: Any) -> LocalResponse:
+    extra = tuple((k.encode(), v.encode()) for k, v in (answer.headers or {}).items())
+    return LocalResponse(answer.status, answer.json_bytes(), headers=extra)
+
+
+def _handle_feedback_body(collector: Any, body: bytes, content_type: str, authorization: str | None) -> Any:
+    from edgecatch.feedback import handle_feedback, malformed_multipart
+
+    form = None
+    if content_type.startswith("multipart/form-data"):
+        form = _parse_multipart(body, content_type)
+        if form is None:
+            return malformed_multipart()
+    return handle_feedback(collector, body=body, content_type=content_type, authorization=authorization,
+                           form=form)
 
 
 def _parse_multipart(body: bytes, content_type: str) -> dict[str, Any] | None:
