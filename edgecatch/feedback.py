@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from edgecatch.collector import Collector
 
 __all__ = ["MAX_JSON_BYTES", "FeedbackAnswer", "FeedbackRequest", "answer_before_reading", "feedback_body_limit",
-           "handle_feedback", "malformed_multipart"]
+           "handle_feedback", "handle_feedback_body", "malformed_multipart", "parse_multipart"]
 
 
 class CorrectedLabels(BaseModel):
@@ -132,6 +132,79 @@ def feedback_body_limit(collector: Collector, multipart: bool) -> int:
 
 def malformed_multipart(detail: str = "") -> FeedbackAnswer:
     return _error(400, f"malformed multipart body: {detail}" if detail else "malformed multipart body")
+
+
+#: A verdict needs three parts (feedback, prediction, image); more are refused, not collected.
+MAX_MULTIPART_PARTS = 16
+
+
+def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes | str]:
+    """The fields of a multipart/form-data body, in memory (files as bytes, other fields as text),
+    with python-multipart's streaming parser. Raises ValueError naming what is wrong."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise ValueError("Content-Type is not multipart/form-data with a boundary")
+    fields: dict[str, bytes | str] = {}
+    part: dict[str, Any] = {}
+    ended = []
+
+    def on_part_begin() -> None:
+        if len(fields) >= MAX_MULTIPART_PARTS:
+            raise ValueError(f"more than {MAX_MULTIPART_PARTS} parts")
+        part.clear()
+        part.update(headers={}, field=b"", value=b"", data=[])
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        part["headers"][part["field"].lower()] = part["value"]
+        part["field"] = part["value"] = b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part["data"].append(data[start:end])
+
+    def on_part_end() -> None:
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        name = disposition.get(b"name")
+        if name:
+            data = b"".join(part["data"])
+            fields[name.decode("utf-8", "replace")] = data if b"filename" in disposition else \
+                data.decode("utf-8", "replace")
+
+    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                 "on_header_value": on_header_value, "on_header_end": on_header_end,
+                 "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": lambda: ended.append(True)}
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    try:
+        parser.write(body)
+        parser.finalize()
+    except ValueError:
+        raise
+    except Exception as exc:  # the parser's own errors (MultipartParseError, ...)
+        raise ValueError(str(exc) or type(exc).__name__) from None
+    if not ended:
+        raise ValueError("the body ends before its closing boundary")
+    return fields
+
+
+def handle_feedback_body(collector: Collector, body: bytes, content_type: str, authorization: str | None
+                         ) -> FeedbackAnswer:
+    """Serve one feedback request from its raw body (multipart parsed here: run it off the event loop)."""
+    form = None
+    if content_type.startswith("multipart/form-data"):
+        try:
+            form = parse_multipart(body, content_type)
+        except ValueError as exc:
+            return malformed_multipart(str(exc))
+    return handle_feedback(collector, body=body, content_type=content_type, authorization=authorization,
+                           form=form)
 
 
 def handle_feedback(

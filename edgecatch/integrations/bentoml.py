@@ -392,7 +392,7 @@ def _make_app() -> Any:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from edgecatch.feedback import MAX_JSON_BYTES, answer_before_reading, handle_feedback
+    from edgecatch.feedback import answer_before_reading, feedback_body_limit, handle_feedback_body
 
     def respond(answer: Any) -> JSONResponse:
         return JSONResponse(answer.body, status_code=answer.status, headers=answer.headers)
@@ -407,27 +407,15 @@ def _make_app() -> Any:
         early = answer_before_reading(collector, authorization, request.headers.get("content-length"), multipart)
         if early is not None:
             return respond(early)
-        form = None
-        body = b""
-        if multipart:
-            try:
-                async with request.form(max_part_size=collector.max_feedback_image_bytes + 1) as parsed:
-                    form = {}
-                    for key, value in parsed.multi_items():
-                        form[key] = await value.read() if hasattr(value, "read") else value
-            except Exception as exc:  # Starlette's own errors are plain text: answer in the route's JSON
-                return JSONResponse({"error": f"malformed multipart body: {getattr(exc, 'detail', exc)}"},
-                                    status_code=400)
-        else:
-            chunks = bytearray()
-            async for chunk in request.stream():  # a body without Content-Length is capped as it comes
-                chunks += chunk
-                if len(chunks) > MAX_JSON_BYTES:
-                    return JSONResponse({"error": f"body larger than {MAX_JSON_BYTES} bytes"}, status_code=413)
-            body = bytes(chunks)
+        limit = feedback_body_limit(collector, multipart)
+        chunks = bytearray()
+        async for chunk in request.stream():  # a body without Content-Length is capped as it comes
+            chunks += chunk
+            if len(chunks) > limit:
+                return JSONResponse({"error": f"body larger than {limit} bytes"}, status_code=413)
+        # Parsed (multipart included) off the event loop, in the collector's background thread.
         answer = await collector.run_in_background(
-            handle_feedback, collector, body=body, content_type=content_type, authorization=authorization,
-            form=form)
+            handle_feedback_body, collector, bytes(chunks), content_type, authorization)
         return respond(answer)
 
     @contextlib.asynccontextmanager

@@ -208,6 +208,16 @@ def test_feedback_refuses_from_the_headers_and_answers_errors_in_json(service):
                              headers={"Authorization": f"Bearer {FEEDBACK_TOKEN}",
                                       "Content-Type": "multipart/form-data; boundary=x"})
         assert broken.status_code == 400 and "malformed multipart" in broken.json()["error"]
+
+        def chunked_parts():  # no Content-Length: cut off at the image limit plus 1 MB, not read on
+            yield b"--x\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n"
+            for _ in range(64):
+                yield bytes(1024 * 1024)
+
+        endless = client.post("/edgecatch/feedback", content=chunked_parts(),
+                              headers={"Authorization": f"Bearer {FEEDBACK_TOKEN}",
+                                       "Content-Type": "multipart/form-data; boundary=x"})
+        assert endless.status_code == 413 and "body larger than" in endless.json()["error"]
         lowercase = client.post("/edgecatch/feedback", json={"inference_id": "w1-0123456789abcdef",
                                                               "verdict": "correct"},
                                 headers={"Authorization": f"bearer {FEEDBACK_TOKEN}"})

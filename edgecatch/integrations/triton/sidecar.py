@@ -306,8 +306,10 @@ class Sidecar:
             content_type = (_header(headers, b"content-type") or b"").decode("latin-1")
             authorization = (_header(headers, b"authorization") or b"").decode("latin-1") or None
             # Off the event loop, multipart parsing included: the proxies' clients must not wait for it.
+            from edgecatch.feedback import handle_feedback_body
+
             answer = await self.collector.run_in_background(
-                _handle_feedback_body, self.collector, body, content_type, authorization)
+                handle_feedback_body, self.collector, body, content_type, authorization)
             return _local_answer(answer)
         return LocalResponse(404, b'{"error":"no such edgecatch route"}')
 
@@ -420,40 +422,6 @@ def _decoded(body: bytes, encoding: bytes | None, limit: int) -> bytes:
 def _local_answer(answer: Any) -> LocalResponse:
     extra = tuple((k.encode(), v.encode()) for k, v in (answer.headers or {}).items())
     return LocalResponse(answer.status, answer.json_bytes(), headers=extra)
-
-
-def _handle_feedback_body(collector: Any, body: bytes, content_type: str, authorization: str | None) -> Any:
-    from edgecatch.feedback import handle_feedback, malformed_multipart
-
-    form = None
-    if content_type.startswith("multipart/form-data"):
-        form = _parse_multipart(body, content_type)
-        if form is None:
-            return malformed_multipart()
-    return handle_feedback(collector, body=body, content_type=content_type, authorization=authorization,
-                           form=form)
-
-
-def _parse_multipart(body: bytes, content_type: str) -> dict[str, Any] | None:
-    """Fields of a multipart/form-data body (files as bytes), with the standard library's parser."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-
-    try:
-        message = BytesParser(policy=HTTP).parsebytes(
-            b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    except Exception:
-        return None
-    if not message.is_multipart():
-        return None
-    fields: dict[str, Any] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            continue
-        payload = part.get_payload(decode=True) or b""
-        fields[name] = payload if part.get_filename() else payload.decode("utf-8", "replace")
-    return fields
 
 
 async def serve(config_path: str | Path) -> None:
