@@ -276,6 +276,54 @@ def test_inference_ids_name_their_worker(make_collector):
     assert _owner_pid("no-such-worker-tag!") is None
 
 
+def test_inference_ids_are_unpredictable_and_differ_in_a_forked_worker(make_collector):
+    """The digits are a keyed hash of a counter, the key drawn per process: knowing earlier ids (or
+    the generator's algorithm) does not tell the next, and a forked worker draws its own."""
+    import random
+
+    collector = make_collector()
+    ids = [collector.new_inference_id() for _ in range(2000)]
+    assert len(set(ids)) == 2000 and all(_owner_pid(i) == os.getpid() for i in ids)
+    # What the previous generator allowed: Mersenne Twister outputs recovered from 312 ids (624
+    # 32-bit words) predict every later one. Here a twister fed these ids predicts nothing.
+    words = []
+    for inference_id in ids[:312]:
+        value = int(inference_id.split("-")[1], 16)
+        words += [value & 0xFFFFFFFF, value >> 32]
+    clone = random.Random()
+    clone.setstate((3, tuple(_untemper(w) for w in words) + (624,), None))
+    assert all(f"{clone.getrandbits(64):016x}" != i.split("-")[1] for i in ids[312:400])
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.write(write, ",".join(collector.new_inference_id().split("-")[1] for _ in range(5)).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = set(os.read(read, 4096).decode().split(","))
+    parent = {collector.new_inference_id().split("-")[1] for _ in range(5)}
+    assert len(child) == 5 and not child & parent
+
+
+def _untemper(y: int) -> int:
+    """The Mersenne Twister state word behind one 32-bit output (the inverse of its tempering)."""
+    def undo_right(value: int, shift: int) -> int:
+        x = value
+        for _ in range(32 // shift + 1):
+            x = value ^ (x >> shift)
+        return x
+
+    def undo_left(value: int, shift: int, mask: int) -> int:
+        x = value
+        for _ in range(32 // shift + 1):
+            x = value ^ ((x << shift) & mask)
+        return x & 0xFFFFFFFF
+
+    y = undo_right(y, 18)
+    y = undo_left(y, 15, 0xEFC60000)
+    y = undo_left(y, 7, 0x9D2C5680)
+    return undo_right(y, 11)
+
+
 def test_a_verdict_reaching_another_worker_is_forwarded(make_collector, tmp_path):
     """Two real processes share a spool folder: the verdict lands on the one that did not serve."""
     collector = make_collector()
