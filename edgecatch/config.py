@@ -129,7 +129,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> EdgecatchConfig:
     if path is None:
         return EdgecatchConfig().resolve_paths(Path.cwd())
     path = Path(path)
-    return load_model(_model_for(path), path).resolve_paths(path.resolve().parent)
+    return load_model(_model_for(path), path).resolve_paths(config_folder(path))
+
+
+def config_folder(path: Path) -> Path:
+    """The folder a config file's relative paths start from: the one it was named in, symlinks not
+    followed. A Kubernetes ConfigMap mounts `edgecatch.yaml -> ..data/edgecatch.yaml` with `..data`
+    a link to a timestamped folder that the next update replaces and deletes: resolved, relative
+    paths would stay pinned to that folder and every reload after the first update would fail."""
+    return Path(os.path.abspath(path)).parent
 
 
 def _model_for(path: Path) -> type[EdgecatchConfig]:

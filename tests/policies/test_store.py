@@ -142,3 +142,41 @@ def test_atomic_replace_by_rename_is_noticed(store):
     new.write_text(BETTER)
     os.replace(new, store.path)
     assert store.check() is True
+
+
+def test_a_kubernetes_configmap_update_reloads_through_the_config_file(tmp_path):
+    """As kubelet updates a ConfigMap volume: each key is a link `key -> ..data/key`, `..data` links
+    to a timestamped folder, and an update renames a new `..data` link over it and deletes the old
+    folder. Relative paths in the config must follow `..data` (the sidecar's loader and the
+    plugin's alike), so that every later update reloads."""
+    import shutil
+
+    from edgecatch.config import load_config
+    from edgecatch.integrations.triton.sidecar import load_sidecar_config
+
+    mount = tmp_path / "etc-edgecatch"
+    mount.mkdir()
+    config = f"policies: policies.yaml\ndelivery: {{spool_dir: {tmp_path / 'spool'}}}\n"
+
+    def publish(version: int, policy_name: str) -> None:
+        folder = mount / f"..2026_11_24_00_00_0{version}.{version:09d}"
+        folder.mkdir()
+        (folder / "edgecatch.yaml").write_text(config)
+        (folder / "policies.yaml").write_text(f"version: 1\npolicies:\n  - name: {policy_name}\n    random: 1.0\n")
+        old = os.readlink(mount / "..data") if (mount / "..data").is_symlink() else None
+        os.symlink(folder.name, mount / "..data_tmp")
+        os.rename(mount / "..data_tmp", mount / "..data")
+        for key in ("edgecatch.yaml", "policies.yaml"):
+            if not (mount / key).is_symlink():
+                os.symlink(f"..data/{key}", mount / key)
+        if old:
+            shutil.rmtree(mount / old)
+
+    publish(1, "first")
+    for loaded in (load_config(mount / "edgecatch.yaml"), load_sidecar_config(mount / "edgecatch.yaml")[0]):
+        assert loaded.policies == mount / "policies.yaml"
+    store = PolicyStore(load_config(mount / "edgecatch.yaml").policies, poll_interval=0)
+    for version, name in ((2, "second"), (3, "third")):
+        publish(version, name)
+        store.check()
+        assert store.current.policy_names == (name,) and store.last_error is None

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgecatch.config import EdgecatchConfig
+from edgecatch.config import EdgecatchConfig, config_folder
 from edgecatch.integrations.triton.grpc_proxy import GrpcExchange, GrpcProxy
 from edgecatch.integrations.triton.http_proxy import Exchange, HttpProxy, LocalResponse
 from edgecatch.integrations.triton.reading import ModelReading, ReadItem, read_items
@@ -92,7 +92,7 @@ class SidecarConfig(EdgecatchConfig):
 def load_sidecar_config(path: str | Path) -> tuple[SidecarConfig, Path]:
     path = Path(path)
     config = load_model(SidecarConfig, path)
-    base = path.resolve().parent
+    base = config_folder(path)
     return config.resolve_paths(base), base  # type: ignore[return-value]
 
 
