@@ -29,7 +29,7 @@ from hashlib import blake2b
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from edgecatch.metrics import Metrics, MetricTally, get_metrics
+from edgecatch.metrics import Metrics, MetricTally, forget_dead_workers, get_metrics
 from edgecatch.observation import Classification, Detection, Observation, Verdict
 from edgecatch.policies import Decision, EngineState, PolicyStore
 from edgecatch.policies.redis_limiter import LimiterEvent, build_limiter
@@ -45,6 +45,8 @@ log = logging.getLogger("edgecatch")
 T = TypeVar("T")
 
 _SWEEP_SECONDS = 1.0
+#: How often a worker looks for killed workers' gauges to drop (multiprocess metrics only).
+_DEAD_WORKER_SECONDS = 10.0
 #: How often the background loop writes the request path's tallied metrics and silent events.
 _FLUSH_SECONDS = 0.25
 #: Evicted predictions (with their images) waiting for their silent event; beyond this the request
@@ -396,11 +398,16 @@ class Collector:
                 log.warning("verdicts for this worker cannot be forwarded from others: %s", exc)
             ready.set()
             next_sweep = loop.time() + _SWEEP_SECONDS
+            next_dead_check = loop.time()
             while True:
                 await asyncio.sleep(_FLUSH_SECONDS)
-                if loop.time() >= next_sweep:
+                now = loop.time()
+                if now >= next_sweep:
                     next_sweep += _SWEEP_SECONDS
                     self._silent_pending.extend(self.recall.expire())
+                if now >= next_dead_check:
+                    next_dead_check = now + _DEAD_WORKER_SECONDS
+                    self._forget_dead_workers()
                 self._background_work()
 
         task = loop.create_task(main())
@@ -411,6 +418,16 @@ class Collector:
         finally:
             ready.set()
             loop.close()
+
+    def _forget_dead_workers(self) -> None:
+        try:
+            forgotten = forget_dead_workers()
+        except Exception:
+            log.exception("could not drop the metrics of exited workers")
+            return
+        if forgotten:
+            log.warning("dropped the gauges of worker process(es) %s, which exited without doing so (killed?)",
+                        ", ".join(map(str, forgotten)))
 
     def _background_work(self) -> None:
         """Silent events of predictions that left the recall buffer, then the tallied metrics."""

@@ -15,6 +15,8 @@ the design note's name. Ops use them through ops/grafana and ops/prometheus (see
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 from bisect import bisect_left
 from typing import Any
@@ -22,7 +24,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["Metrics", "MetricTally", "get_metrics", "CONFIDENCE_BUCKETS", "DROP_REASONS", "UPLOAD_FAILURE_REASONS",
-           "upload_failure_reason"]
+           "forget_dead_workers", "upload_failure_reason"]
 
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 DETECTION_COUNT_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50, 100)
@@ -207,3 +209,42 @@ def get_metrics() -> Metrics:
             if _metrics is None:
                 _metrics = Metrics()
     return _metrics
+
+
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live\w+_(\d+)\.db$")
+
+
+def forget_dead_workers() -> list[int]:
+    """In multiprocess mode, drop the live-mode gauge files of worker processes that no longer exist.
+
+    A worker that exits cleanly is forgotten by its server, but one that is killed (OOM, kill -9)
+    leaves its `gauge_live*_<pid>.db` behind and its last values in every scrape: a
+    `policy_reload_failing` of 1 or a `sink_paused` of 1 would keep their alerts firing for good.
+    The other workers call this now and then (prometheus_client's `mark_process_dead`). Returns the
+    pids forgotten."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+    if not folder:
+        return []
+    from prometheus_client import multiprocess
+
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    pids = {int(match.group(1)) for match in map(_LIVE_GAUGE_FILE.match, names) if match}
+    forgotten = []
+    for pid in sorted(pids):
+        if pid != os.getpid() and not _alive(pid):
+            multiprocess.mark_process_dead(pid, folder)
+            forgotten.append(pid)
+    return forgotten
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -201,3 +201,42 @@ def test_tally_writes_through_until_buffered():
     assert registry.get_sample_value("edgecatch_predictions_total", {"model": "m"}) == 1
     tally.flush()
     assert registry.get_sample_value("edgecatch_predictions_total", {"model": "m"}) == 3
+
+
+_KILLED_WORKER = """
+import os, sys
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from edgecatch.metrics import Metrics, forget_dead_workers
+
+def scrape():
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return registry.get_sample_value("edgecatch_policy_reload_failing"), \\
+        registry.get_sample_value("edgecatch_sink_paused", {"sink": "roboflow"})
+
+metrics = Metrics(CollectorRegistry())
+metrics.policy_reload_failing.set(0)
+pid = os.fork()
+if pid == 0:  # a worker that saw a broken policy file and a refused key, then was killed
+    metrics.policy_reload_failing.set(1)
+    metrics.sink_paused.labels("roboflow").set(1)
+    os._exit(0)  # no clean-up, as after kill -9
+os.waitpid(pid, 0)
+before = scrape()
+forgotten = forget_dead_workers()
+print(before, scrape(), forgotten == [pid])
+"""
+
+
+def test_the_gauges_of_a_killed_worker_are_forgotten(tmp_path):
+    """BentoML runs Prometheus in multiprocess mode: a killed worker's live gauges would stay in
+    every scrape (and their alerts firing) until the others drop its files."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _KILLED_WORKER], env=env, capture_output=True, text=True,
+                         timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["(1.0,", "1.0)", "(0.0,", "None)", "True"]
