@@ -12,6 +12,7 @@ Messages never contain the API key: sinks build them from redacted text only, an
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -45,9 +46,13 @@ class RejectedError(DeliveryError):
     pass
 
 
+_PERCENT_HEX = re.compile(r"%[0-9A-F]{2}")
+
+
 class Redactor:
     """Replaces secrets with `***` in any text: verbatim, in the URL encodings HTTP libraries use
-    (which differ on characters such as `/`), and any `api_key=` query value whatever its encoding."""
+    (which differ on characters such as `/`, and in the case of their hex digits), as JSON escapes
+    them, and any `api_key=` query value whatever its encoding."""
 
     _QUERY_KEY = re.compile(r"(api_key=)[^&\s\"'#<>]*", re.IGNORECASE)
 
@@ -58,8 +63,11 @@ class Redactor:
         for secret in secrets:
             if secret:
                 forms.add(secret)
+                escaped = json.dumps(secret)[1:-1]  # as a JSON answer may write it: "\u00e9", and "\/"
+                forms.update({escaped, escaped.replace("/", "\\/")})
                 for safe in ("", "/", "/:@", "/?:@-._~!$'()*,;="):
-                    forms.update({quote(secret, safe=safe), quote_plus(secret, safe=safe)})
+                    for encoded in (quote(secret, safe=safe), quote_plus(secret, safe=safe)):
+                        forms.update({encoded, _PERCENT_HEX.sub(lambda m: m.group(0).lower(), encoded)})
         self._forms = sorted(forms, key=len, reverse=True)
 
     def __call__(self, text: str) -> str:

@@ -58,3 +58,33 @@ def test_api_key_is_never_written_anywhere(tmp_path, roboflow_config, metrics, r
             assert form not in text, f"the API key ({form}) leaked into {where}"
     dead_answers = [p.read_text() for p in (config.spool_dir / "dead").glob("*.answer.json")]
     assert all("api_key=***" in answer for answer in dead_answers)
+
+
+def test_the_redactor_finds_the_key_in_every_form_an_answer_may_echo_it():
+    import json
+    import re
+    from urllib.parse import quote
+
+    from edgecatch.delivery.errors import Redactor
+
+    redact = Redactor([KEY])
+    lower_hex = re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), quote(KEY, safe=""))
+    for echoed in (KEY, quote(KEY, safe=""), lower_hex,
+                   json.dumps(KEY)[1:-1].replace("/", "\\/"), json.dumps({"key": KEY})):
+        assert "Secr3t" not in redact(f"the answer: {echoed} (end)"), echoed
+    # Hex digits in lower case (%2b, as some servers write them), and nothing else changed.
+    assert redact("x rf-Secr3t%2bKey%2fwith%3dodd%26chars y") == "x *** y"
+
+
+def test_an_answer_is_redacted_before_it_is_cut(roboflow_config, monkeypatch):
+    """The answer kept in dead letters and logs is cut to MAX_ANSWER_CHARS: cut first, a key that
+    straddles the cut would keep its first part."""
+    from edgecatch.delivery.sinks.roboflow import MAX_ANSWER_CHARS, RoboflowSink, _Answer
+
+    monkeypatch.setenv("TEST_ROBOFLOW_KEY", KEY)
+    sink = RoboflowSink(roboflow_config().sink)
+    text = "x" * (MAX_ANSWER_CHARS - 9) + KEY
+    error = sink._error(_Answer(400, {"Location": ""}, text.encode()), "upload")
+    assert "Secr3t" not in error.answer and "rf-Secr" not in error.answer
+    redirect = sink._error(_Answer(302, {"Location": "https://h/" + "p" * 180 + "?api_key=" + KEY}, b""), "upload")
+    assert "rf-" not in str(redirect)

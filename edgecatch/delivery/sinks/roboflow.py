@@ -171,7 +171,7 @@ class RoboflowSink:
 
     def _error(self, answer: _Answer, step: str) -> DeliveryError:
         status = answer.status
-        text = self.redact(answer.text[:MAX_ANSWER_CHARS])
+        text = self.redact(answer.text)[:MAX_ANSWER_CHARS]  # redacted whole: a cut could split a key
         kind = answer.headers.get("Content-Type", "").split(";")[0] or "no content type"
         if status in (401, 403):
             return AuthError(f"{step}: HTTP {status}: the destination refused the API key", status=status,
@@ -182,7 +182,7 @@ class RoboflowSink:
         if status >= 500 or status in (408, 425) or status == 200:
             return TransientError(f"{step}: HTTP {status} ({kind})", status=status, step=step, answer=text)
         if 300 <= status < 400:  # not followed (it would re-send the key elsewhere): fix base_url
-            where = self.redact(answer.headers.get("Location", "")[:200])
+            where = self.redact(answer.headers.get("Location", ""))[:200]
             return TransientError(f"{step}: HTTP {status} redirect to {where or 'nowhere'}: base_url needs changing",
                                   status=status, step=step, answer=text)
         return RejectedError(f"{step}: HTTP {status}", status=status, step=step, answer=text)
