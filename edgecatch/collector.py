@@ -23,7 +23,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from hashlib import blake2b
 from pathlib import Path
@@ -33,6 +33,7 @@ from edgecatch.metrics import Metrics, MetricTally, forget_dead_workers, get_met
 from edgecatch.observation import Classification, Detection, Observation, Verdict
 from edgecatch.policies import Decision, EngineState, PolicyStore
 from edgecatch.policies.redis_limiter import LimiterEvent, build_limiter
+from edgecatch.processes import process_alive
 from edgecatch.recall import RecallBuffer, Recalled
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class Collector:
         # Ids whose verdict came with its own prediction and image (the prediction forgotten): one
         # verdict each, as for remembered ones; bounded like the recall buffer's item count.
         self._late_verdicts: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._served_models: set[str] = set()
 
     @classmethod
     def from_config(cls, config: EdgecatchConfig, **kwargs: Any) -> Collector:
@@ -259,24 +261,33 @@ class Collector:
         prediction: PredictionPayload | None = None,
         image: bytes | None = None,
     ) -> FeedbackOutcome:
-        """A user's verdict on an earlier prediction (thread-safe; may forward to another worker)."""
+        """A user's verdict on an earlier prediction (thread-safe; may forward to another worker).
+
+        A verdict that comes with its prediction and image (the prediction forgotten) is still one
+        per id across workers: the worker that served it decides whether it is the first, or, when
+        that worker is gone, the live worker with the lowest pid does (`_claim`)."""
         entry, first = self.recall.give_verdict(inference_id, verdict.value)
         if entry is None:
+            if image is None:
+                prediction = None  # a prediction is only of use with its image
+            if prediction is not None and self._served_models and prediction.model not in self._served_models:
+                # The model name becomes a metric label and a dataset batch name: only models served here.
+                return FeedbackOutcome("unknown_model")
             owner = _owner_pid(inference_id)
-            if owner is not None and owner != self._pid:
+            if owner is not None and owner != self._pid and self._peer_socket(owner).exists():
                 # The worker that served it may still remember it, even when the client sent the
-                # prediction along: asked first, so that one prediction gets one verdict.
-                outcome = self._forward_feedback(owner, inference_id, verdict, note, corrected)
-                if prediction is None or outcome.status not in ("unknown", "forwarded_error"):
+                # prediction along: asked first, so that one prediction gets one verdict. Sent
+                # along, it also answers whether this is the id's first verdict ("claimed").
+                outcome = self._forward_feedback(owner, inference_id, verdict, note, corrected,
+                                                 claim=prediction is not None)
+                if prediction is None or outcome.status in ("accepted", "duplicate"):
                     return outcome
-            if prediction is None or image is None:
+                if outcome.status != "claimed" and not self._claim(inference_id, skip=owner):
+                    return FeedbackOutcome("duplicate")  # the owner vanished meanwhile: another decides
+            elif prediction is None:
                 return FeedbackOutcome("unknown")
-            with self._lock:
-                if inference_id in self._late_verdicts:
-                    return FeedbackOutcome("duplicate")
-                self._late_verdicts[inference_id] = None
-                if len(self._late_verdicts) > self.config.recall.max_items:
-                    self._late_verdicts.popitem(last=False)
+            elif not (self._claim_here(inference_id) if owner == self._pid else self._claim(inference_id, skip=owner)):
+                return FeedbackOutcome("duplicate")
             base = Observation(
                 model=prediction.model, model_version=prediction.model_version,
                 detections=tuple(d.to_detection() for d in prediction.detections or ()),
@@ -288,6 +299,44 @@ class Collector:
             return FeedbackOutcome("duplicate")
         decision = self._feedback_event(entry.observation, lambda: entry.image, verdict, note, corrected)
         return FeedbackOutcome("accepted", decision)
+
+    def serve_models(self, names: Iterable[str]) -> None:
+        """The model names this process serves (integrations say so at start): a verdict sent with its
+        own prediction must name one of them."""
+        self._served_models.update(names)
+
+    def _claim(self, inference_id: str, skip: int | None = None) -> bool:
+        """Whether a verdict sent with its prediction is the first for this id, when the worker that
+        served it (`skip`) is gone: asked of the live worker with the lowest pid (every worker picks
+        the same one), or decided here."""
+        arbiter = min((pid for pid in self._peer_pids() if pid != skip), default=self._pid)
+        if arbiter != self._pid:
+            outcome = self._forward_claim(arbiter, inference_id)
+            if outcome is not None:
+                return outcome
+        return self._claim_here(inference_id)
+
+    def _claim_here(self, inference_id: str) -> bool:
+        with self._lock:
+            if inference_id in self._late_verdicts:
+                return False
+            self._late_verdicts[inference_id] = None
+            if len(self._late_verdicts) > self.config.recall.max_items:
+                self._late_verdicts.popitem(last=False)
+            return True
+
+    def _peer_pids(self) -> list[int]:
+        """Live workers sharing this spool with a feedback socket (this one included)."""
+        pids = [self._pid]
+        try:
+            names = os.listdir(self.config.delivery.spool_dir / "run")
+        except OSError:
+            return pids
+        for name in names:
+            match = _PEER_SOCKET.match(name)
+            if match and int(match.group(1)) != self._pid and process_alive(int(match.group(1))):
+                pids.append(int(match.group(1)))
+        return pids
 
     def _feedback_event(self, base: Observation, image_of: Callable[[], Any], verdict: Verdict, note: str,
                         corrected: tuple[Detection, ...] | Classification | None) -> Decision:
@@ -317,12 +366,28 @@ class Collector:
         return self.config.delivery.spool_dir / "run" / f"feedback-{pid}.sock"
 
     def _forward_feedback(self, pid: int, inference_id: str, verdict: Verdict, note: str,
-                          corrected: Any) -> FeedbackOutcome:
+                          corrected: Any, claim: bool = False) -> FeedbackOutcome:
+        """Hand a verdict to the worker that served it. With `claim` (the client sent the prediction
+        along) a worker that does not remember it answers whether this is the id's first verdict."""
+        message = {"inference_id": inference_id, "verdict": verdict.value, "note": note,
+                   "corrected": _corrected_json(corrected), "claim": claim}
+        reply = self._ask_peer(pid, message)
+        if reply is None:
+            return FeedbackOutcome("forwarded_error")
+        if reply is False:
+            return FeedbackOutcome("unknown")  # that worker is gone, and its memory with it
+        decision = Decision(selected=reply.get("selected", False), policy=reply.get("policy"))
+        return FeedbackOutcome(reply["status"], decision)
+
+    def _forward_claim(self, pid: int, inference_id: str) -> bool | None:
+        reply = self._ask_peer(pid, {"inference_id": inference_id, "claim_only": True})
+        return reply["status"] == "claimed" if isinstance(reply, dict) else None
+
+    def _ask_peer(self, pid: int, message: dict[str, Any]) -> dict[str, Any] | bool | None:
+        """A peer worker's JSON reply; False when it is gone; None when it did not answer."""
         path = self._peer_socket(pid)
         if not path.exists():
-            return FeedbackOutcome("unknown")  # that worker is gone, and its memory with it
-        message = {"inference_id": inference_id, "verdict": verdict.value, "note": note,
-                   "corrected": _corrected_json(corrected)}
+            return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(5.0)
@@ -334,23 +399,20 @@ class Collector:
                     if not chunk:
                         break
                     answer += chunk
-            reply = json.loads(answer)
+            return json.loads(answer)
         except (ConnectionRefusedError, FileNotFoundError):
-            return FeedbackOutcome("unknown")  # the worker died without cleaning up its socket
+            return False  # the worker died without cleaning up its socket
         except (OSError, ValueError):
             log.warning("could not forward a verdict to worker %s", pid)
-            return FeedbackOutcome("forwarded_error")
-        decision = Decision(selected=reply.get("selected", False), policy=reply.get("policy"))
-        return FeedbackOutcome(reply["status"], decision)
+            return None
 
     async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             message = json.loads(await asyncio.wait_for(reader.readline(), 5.0))
-            outcome = await asyncio.get_running_loop().run_in_executor(None, lambda: self.feedback(
-                message["inference_id"], Verdict(message["verdict"]), note=message.get("note", ""),
-                corrected=_corrected_from_json(message.get("corrected"))))
-            if outcome.status == "forwarded_error":  # never forward twice
-                outcome = FeedbackOutcome("unknown")
+            if message.get("claim_only"):
+                outcome = FeedbackOutcome("claimed" if self._claim_here(message["inference_id"]) else "duplicate")
+            else:
+                outcome = await asyncio.get_running_loop().run_in_executor(None, lambda: self._peer_feedback(message))
             reply = {"status": outcome.status, "selected": bool(outcome.decision and outcome.decision.selected),
                      "policy": outcome.decision.policy if outcome.decision else None}
             writer.write(json.dumps(reply).encode() + b"\n")
@@ -359,6 +421,20 @@ class Collector:
             log.exception("bad verdict forwarded by a peer worker")
         finally:
             writer.close()
+
+    def _peer_feedback(self, message: dict[str, Any]) -> FeedbackOutcome:
+        """A verdict forwarded by the worker that received it: decided here, never forwarded again."""
+        inference_id = message["inference_id"]
+        entry, first = self.recall.give_verdict(inference_id, message["verdict"])
+        if entry is None:
+            if message.get("claim"):
+                return FeedbackOutcome("claimed" if self._claim_here(inference_id) else "duplicate")
+            return FeedbackOutcome("unknown")
+        if not first:
+            return FeedbackOutcome("duplicate")
+        decision = self._feedback_event(entry.observation, lambda: entry.image, Verdict(message["verdict"]),
+                                        message.get("note", ""), _corrected_from_json(message.get("corrected")))
+        return FeedbackOutcome("accepted", decision)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -524,6 +600,7 @@ def _new_id_key() -> None:
 
 os.register_at_fork(after_in_child=_new_id_key)  # forked workers (BentoML) must not draw the same ids
 
+_PEER_SOCKET = re.compile(r"^feedback-(\d+)\.sock$")
 _ID = re.compile(r"^w([0-9a-z]{1,8})-[0-9a-f]{16}(?:\.\d+)*$")
 
 

@@ -36,10 +36,14 @@ __all__ = ["MAX_JSON_BYTES", "FeedbackAnswer", "FeedbackRequest", "answer_before
            "handle_feedback", "handle_feedback_body", "malformed_multipart", "parse_multipart"]
 
 
+#: Detections (or class scores) a client may send in one verdict: far more than an image holds.
+MAX_DETECTIONS = 1000
+
+
 class CorrectedLabels(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    detections: list[DetectionRecord] | None = None
-    classification: dict[str, float] | None = None
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    detections: list[DetectionRecord] | None = Field(None, max_length=MAX_DETECTIONS)
+    classification: dict[str, float] | None = Field(None, max_length=MAX_DETECTIONS)
 
 
 class FeedbackRequest(BaseModel):
@@ -53,11 +57,11 @@ class FeedbackRequest(BaseModel):
 class PredictionPayload(BaseModel):
     """The prediction sent along with a verdict for an id the service no longer remembers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str = Field(min_length=1, max_length=200)
-    model_version: str = ""
-    detections: list[DetectionRecord] | None = None
-    classification: dict[str, float] | None = None
+    model_version: str = Field("", max_length=200)
+    detections: list[DetectionRecord] | None = Field(None, max_length=MAX_DETECTIONS)
+    classification: dict[str, float] | None = Field(None, max_length=MAX_DETECTIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +270,8 @@ def handle_feedback(
             hint="send the verdict as multipart/form-data with 'feedback', 'prediction' and 'image'")
     if outcome.status == "duplicate":
         return _error(409, "a verdict was already given for this inference id")
+    if outcome.status == "unknown_model":
+        return _error(400, "prediction.model: not a model this service serves")
     if outcome.status == "forwarded_error":
         return _error(502, "the worker that served this prediction did not answer")
     decision = outcome.decision

@@ -227,6 +227,8 @@ def forget_dead_workers() -> list[int]:
         return []
     from prometheus_client import multiprocess
 
+    from edgecatch.processes import process_alive
+
     try:
         names = os.listdir(folder)
     except OSError:
@@ -234,17 +236,7 @@ def forget_dead_workers() -> list[int]:
     pids = {int(match.group(1)) for match in map(_LIVE_GAUGE_FILE.match, names) if match}
     forgotten = []
     for pid in sorted(pids):
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not process_alive(pid):
             multiprocess.mark_process_dead(pid, folder)
             forgotten.append(pid)
     return forgotten
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True

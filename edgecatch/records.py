@@ -27,7 +27,9 @@ EpochSeconds = Annotated[float, Field(ge=0.0, le=MAX_EPOCH_SECONDS, allow_inf_na
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # NaN or infinite boxes and scores would reach labels files and manifests (`nan`, bare `NaN`
+    # that strict JSON parsers refuse): refused like any other bad value.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class ImageSize(_Record):
@@ -36,7 +38,7 @@ class ImageSize(_Record):
 
 
 class DetectionRecord(_Record):
-    class_name: str = Field(alias="class", min_length=1)
+    class_name: str = Field(alias="class", min_length=1, max_length=200)
     class_id: int = -1
     confidence: Annotated[float, Field(ge=0.0, le=1.0)]
     box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in pixels")

@@ -91,6 +91,7 @@ def observe(
             raise TypeError(f"{func.__qualname__} has no parameter named {image!r} (it has {', '.join(names)})")
         position = names.index(image)
         model_name = model or func.__qualname__.replace(".", "-").lower()
+        _served_models.add(model_name)
         watcher = _Watcher(adapter, model_name, model_version, batch)
         # BentoML applies response headers only for APIs that take a context. When the API does
         # not, the wrapper's signature gains a keyword-only `ctx: bentoml.Context`: BentoML passes
@@ -164,6 +165,8 @@ def observe(
 
 _started = False
 _start_lock = threading.Lock()
+#: The model names of every decorated API: verdicts sent with their own prediction must name one.
+_served_models: set[str] = set()
 
 
 def _start(collector: Collector, *, mounted: bool) -> None:
@@ -177,6 +180,7 @@ def _start(collector: Collector, *, mounted: bool) -> None:
         if _started:
             return
         _started = True
+        collector.serve_models(_served_models)
         if mounted:
             collector.start()
             return

@@ -354,6 +354,8 @@ class _CountingCollector:
 
     def evaluate_silent_events(self) -> None: ...
 
+    def serve_models(self, names) -> None: ...
+
     def new_inference_id(self) -> str:
         return "w1-0"
 

@@ -209,6 +209,30 @@ def test_an_image_sent_with_a_verdict_must_be_usable_before_it_is_accepted(make_
     assert answer.status == 202 and answer.body["selected"], answer.body
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("prediction", '{"model": "m", "detections": [{"class": "a", "confidence": 0.5, "box": [NaN, 0, 1, 1]}]}',
+     "detections[0].box[0]: Input should be a finite number"),
+    ("prediction", '{"model": "m", "classification": {"cat": Infinity}}', "finite number"),
+    ("feedback", '{"inference_id": "client-1", "verdict": "incorrect", "corrected": {"detections": '
+                 '[{"class": "a", "confidence": 0.5, "box": [0, 0, 1, NaN]}]}}', "finite number"),
+    ("prediction", '{"model": "m", "detections": [%s]}' % ", ".join(
+        ['{"class": "a", "confidence": 0.5, "box": [0, 0, 1, 1]}'] * 1001), "at most 1000 items"),
+    ("prediction", '{"model": "not-served", "detections": []}', "not a model this service serves"),
+])
+def test_client_sent_labels_are_finite_bounded_and_for_a_served_model(make_collector, field, value, message):
+    """Boxes and scores from a client reach YOLO label files and JSON manifests (`nan` breaks both),
+    and the model name a metric label and a batch name."""
+    from edgecatch.feedback import handle_feedback
+
+    collector = make_collector()
+    collector.serve_models(["m"])
+    fields = {"feedback": '{"inference_id": "client-1", "verdict": "incorrect"}',
+              "prediction": '{"model": "m", "detections": []}', "image": _jpeg(), field: value}
+    answer = handle_feedback(collector, body=b"", content_type="multipart/form-data", authorization=None, form=fields)
+    assert answer.status == 400 and message in answer.body["error"], answer.body
+    assert collector.delivery.samples == []
+
+
 def test_corrected_labels_are_detections_or_a_classification_not_both(make_collector):
     from edgecatch.feedback import handle_feedback
 
@@ -322,6 +346,60 @@ def _untemper(y: int) -> int:
     y = undo_left(y, 15, 0xEFC60000)
     y = undo_left(y, 7, 0x9D2C5680)
     return undo_right(y, 11)
+
+
+def test_a_verdict_sent_with_its_prediction_is_one_per_id_across_workers(make_collector, tmp_path):
+    """The id's worker has forgotten the prediction: the client sends it along with the image (the
+    404's hint), to whichever worker. Only the first is accepted: the worker that served it decides,
+    and once it is gone, the live worker with the lowest pid. A model not served here is refused."""
+    collector = make_collector()
+    collector.start()
+    collector.serve_models(["m"])
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        from test_collector import RecordingDelivery
+        from prometheus_client import CollectorRegistry
+        from edgecatch.collector import Collector
+        from edgecatch.feedback import PredictionPayload
+        from edgecatch.metrics import Metrics
+        from edgecatch.observation import Verdict
+        collector = Collector(__import__('edgecatch.config').config.EdgecatchConfig.model_validate(
+            {{"policies": {str(tmp_path / 'policies.yaml')!r},
+              "delivery": {{"spool_dir": {str(tmp_path / 'spool')!r}}}}}),
+            metrics=Metrics(CollectorRegistry()), delivery=RecordingDelivery())
+        collector.start()
+        print(collector.new_inference_id(), collector.new_inference_id(), flush=True)  # served, forgotten
+        inference_id = sys.stdin.readline().strip()
+        payload = PredictionPayload.model_validate({{"model": "m", "detections": []}})
+        print(collector.feedback(inference_id, Verdict.INCORRECT, prediction=payload, image=b"img").status,
+              flush=True)
+        sys.stdin.readline()
+        collector.stop()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    from edgecatch.feedback import PredictionPayload
+
+    payload = PredictionPayload.model_validate({"model": "m", "detections": []})
+    try:
+        first, second = child.stdout.readline().split()
+        assert collector.feedback(first, Verdict.INCORRECT, prediction=payload, image=b"img").status == "accepted"
+        child.stdin.write(first + "\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "duplicate"  # the owner remembered the claim
+        assert collector.feedback(first, Verdict.INCORRECT, prediction=payload, image=b"img").status == "duplicate"
+        child.stdin.write("\n")
+        child.stdin.flush()
+        child.wait(20)
+        # The owner is gone: the remaining worker decides, once.
+        assert collector.feedback(second, Verdict.CORRECT, prediction=payload, image=b"img").status == "accepted"
+        assert collector.feedback(second, Verdict.CORRECT, prediction=payload, image=b"img").status == "duplicate"
+        evil = PredictionPayload.model_validate({"model": "made-up\nmodel", "detections": []})
+        assert collector.feedback(f"w{collector._worker_tag}-0123456789abcdef", Verdict.INCORRECT,
+                                  prediction=evil, image=b"img").status == "unknown_model"
+        assert [sample[0].inference_id for sample in collector.delivery.samples] == [first, second]
+    finally:
+        child.kill() if child.poll() is None else None
+        child.wait(10)
 
 
 def test_a_verdict_reaching_another_worker_is_forwarded(make_collector, tmp_path):

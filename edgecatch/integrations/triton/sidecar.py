@@ -184,6 +184,8 @@ class Sidecar:
                 where = str(base / reading.class_names_file) if reading.class_names_file else "class_names_file"
                 raise ConfigError([ConfigProblem(where, None, f"sidecar.models.{name}.class_names_file",
                                                  f"cannot read: {why}")]) from None
+        if collector is not None:
+            collector.serve_models(reading.model or name for name, reading in self.settings.models.items())
         self.observer = _Observer(lambda: collector.count_unparsed("observation_backlog"),
                                   after_batch=collector.evaluate_silent_events,
                                   on_error=lambda exc: collector.count_unparsed("internal"))
