@@ -67,12 +67,17 @@ def load_policy_text(text: str, source: str = "<string>") -> PolicyDocument:
 
 
 def load_model(model: type[M], path: Path) -> M:
+    return load_model_text(model, read_config_text(path), str(path))
+
+
+def read_config_text(path: Path) -> str:
+    """A config or policy file's text; a ConfigError naming the file when it cannot be read (missing,
+    a folder, not UTF-8)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError.from_message(str(path), f"cannot read: {reason}") from None
-    return load_model_text(model, text, str(path))
 
 
 def load_model_text(model: type[M], text: str, source: str) -> M:

@@ -1,7 +1,9 @@
 """Hot reload: the policies ops edit take effect without a redeploy.
 
 A background thread looks at the file's signature (not on the request path: no disk I/O there)
-and, when it changed, validates the new document and swaps the `PolicySet` in one assignment.
+and, when it changed, validates the new document and swaps the `PolicySet` in one assignment. A
+file changed less than `settle_seconds` ago is read at the next poll instead: one rewritten in place
+in several writes must not have a prefix that happens to parse (fewer policies, no limits) loaded.
 An invalid document keeps the last good policies and says so in the log; the budgets already spent
 and the every_nth counters carry over, so a reload is never a way around a limit.
 """
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgecatch.policies.engine import EngineState, PolicySet
-from edgecatch.policies.load import ConfigError, load_policy_file
+from edgecatch.policies.load import ConfigError, load_policy_text, read_config_text
 
 __all__ = ["PolicyStore"]
 
@@ -38,20 +40,22 @@ class PolicyStore:
         clock: Callable[[], float] = time.time,
         poll_interval: float = 1.0,
         on_reload: ReloadListener | None = None,
+        settle_seconds: float = 0.25,
     ) -> None:
         self.path = Path(path)
         self._state = state or EngineState()
         self._clock = clock
         self._poll_interval = poll_interval
         self._on_reload = on_reload
+        self._settle_ns = int(settle_seconds * 1e9)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._signature = self._stat()
-        text = self._read()
         # No last good policies yet: an invalid file at start is an error for the caller.
+        text = read_config_text(self.path)
         self._digest = hashlib.sha256(text.encode()).hexdigest()
         self.current: PolicySet = PolicySet(
-            load_policy_file(self.path), state=self._state, clock=clock, source=str(self.path))
+            load_policy_text(text, str(self.path)), state=self._state, clock=clock, source=str(self.path))
         self.last_error: ConfigError | None = None
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -61,19 +65,18 @@ class PolicyStore:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    def _read(self) -> str:
-        return self.path.read_text(encoding="utf-8")
-
     def check(self) -> bool:
         """Reload if the file changed. Returns True when new policies were swapped in."""
         signature = self._stat()
         if signature == self._signature:
             return False
+        if signature is not None and 0 <= time.time_ns() - signature[0] < self._settle_ns:
+            return False  # still being written, perhaps: the next poll reads it (a future mtime: skew)
         self._signature = signature
         try:
-            text = self._read()
-        except OSError as exc:
-            self._failed(ConfigError.from_message(str(self.path), f"cannot read: {exc.strerror or exc}"))
+            text = read_config_text(self.path)  # read once: what is checked is what is loaded
+        except ConfigError as exc:
+            self._failed(exc)
             return False
         digest = hashlib.sha256(text.encode()).hexdigest()
         if digest == self._digest:  # touched, or rewritten with the same content
@@ -84,7 +87,7 @@ class PolicyStore:
                     self._on_reload("success")
             return False
         try:
-            document = load_policy_file(self.path)
+            document = load_policy_text(text, str(self.path))
         except ConfigError as exc:
             self._failed(exc)
             return False

@@ -116,11 +116,15 @@ def test_policy_reload_failing_holds_until_a_good_file_is_loaded(tmp_path):
     value = registry.get_sample_value
     assert value("edgecatch_policy_reload_failing") == 0
     assert value("edgecatch_policy_reloads_total", {"outcome": "failure"}) == 0  # exported before any
-    path.write_text(TWO_POLICIES + "  - name: broken\n    confidence_below: high\n")
+    def edit(text: str, seconds_ago: int) -> None:  # an edit that has settled (the store waits for that)
+        path.write_text(text)
+        os.utime(path, (time.time() - seconds_ago, time.time() - seconds_ago))
+
+    edit(TWO_POLICIES + "  - name: broken\n    confidence_below: high\n", 2)
     assert collector.policies.check() is False
     assert value("edgecatch_policy_reload_failing") == 1
     assert value("edgecatch_policy_reloads_total", {"outcome": "failure"}) == 1
-    path.write_text(TWO_POLICIES.replace("0.8", "0.7"))
+    edit(TWO_POLICIES.replace("0.8", "0.7"), 1)
     assert collector.policies.check() is True
     assert value("edgecatch_policy_reload_failing") == 0
     assert value("edgecatch_policy_reloads_total", {"outcome": "success"}) == 1

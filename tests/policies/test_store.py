@@ -49,7 +49,7 @@ def outcomes():
 def store(tmp_path, outcomes):
     path = tmp_path / "policies.yaml"
     write(path, GOOD)
-    return PolicyStore(path, clock=lambda: T0, on_reload=outcomes.append)
+    return PolicyStore(path, clock=lambda: T0, on_reload=outcomes.append, settle_seconds=0)
 
 
 def test_invalid_file_at_start_is_an_error(tmp_path):
@@ -175,8 +175,35 @@ def test_a_kubernetes_configmap_update_reloads_through_the_config_file(tmp_path)
     publish(1, "first")
     for loaded in (load_config(mount / "edgecatch.yaml"), load_sidecar_config(mount / "edgecatch.yaml")[0]):
         assert loaded.policies == mount / "policies.yaml"
-    store = PolicyStore(load_config(mount / "edgecatch.yaml").policies, poll_interval=0)
+    store = PolicyStore(load_config(mount / "edgecatch.yaml").policies, poll_interval=0, settle_seconds=0)
     for version, name in ((2, "second"), (3, "third")):
         publish(version, name)
         store.check()
         assert store.current.policy_names == (name,) and store.last_error is None
+
+
+def test_a_file_still_being_written_is_read_once_it_has_settled(tmp_path, outcomes):
+    """Rewritten in place in several writes, a policy file can be caught half written, and a prefix
+    may parse (here: the first policy without the second, and without the limits that follow): it
+    is read only once it has not changed for settle_seconds."""
+    path = tmp_path / "policies.yaml"
+    write(path, GOOD)
+    store = PolicyStore(path, on_reload=outcomes.append, settle_seconds=0.5)
+    with open(path, "w") as file:  # truncated, then the first part written
+        file.write(BETTER[:BETTER.index("  - name: all")])
+    assert store.check() is False and outcomes == []  # just changed: not read yet
+    with open(path, "a") as file:
+        file.write(BETTER[BETTER.index("  - name: all"):])
+    assert store.check() is False
+    old = time.time() - 1
+    os.utime(path, (old, old))  # as if the writer had finished a second ago
+    assert store.check() is True
+    assert store.current.policy_names == ("low", "all") and outcomes == ["success"]
+
+
+def test_a_folder_or_unreadable_file_at_start_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot read: Is a directory"):
+        PolicyStore(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9".encode("latin-1"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        PolicyStore(tmp_path / "latin1.yaml")
