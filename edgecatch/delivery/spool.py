@@ -353,8 +353,11 @@ class Spool:
             os.close(fd)
 
     def maybe_rescan(self, max_age: float) -> None:
-        if time.monotonic() - self._last_scan >= max_age:
+        if self.scan_due(max_age):
             self.scan()
+
+    def scan_due(self, max_age: float) -> bool:
+        return time.monotonic() - self._last_scan >= max_age
 
     # -- writing -------------------------------------------------------------------------------
 

@@ -34,6 +34,9 @@ __all__ = ["Uploader"]
 
 log = logging.getLogger("edgecatch.delivery.uploader")
 
+#: How often a busy delivery worker re-reads the spool folder (idle ones do so every poll_seconds).
+_BUSY_RESCAN_SECONDS = 5.0
+
 
 class Uploader:
     def __init__(self, spool: Spool, sink: Sink, config: DeliveryConfig, metrics: Metrics, *,
@@ -121,6 +124,11 @@ class Uploader:
 
     async def _step(self) -> bool:
         """One turn of a worker: wait if it must, else deliver one sample. False: a drain is over."""
+        if self.spool.scan_due(_BUSY_RESCAN_SECONDS):
+            # With a backlog the workers are never idle, and other processes sharing the folder
+            # spool and deliver too: without a look at the folder now and then, this process's
+            # view (its spool gauges, its bounds) would hold only its own share.
+            await asyncio.to_thread(self.spool.maybe_rescan, _BUSY_RESCAN_SECONDS)
         wait = self._gate_delay()
         if wait > 0:
             if self._draining:

@@ -177,3 +177,26 @@ def test_preparation_stops_at_the_drain_deadline_mid_batch(tmp_path, metrics):
     delivery._prep_deadline = 0.0  # long past
     delivery._spool_batch(batch)
     assert len(delivery.spool) == 0 and list(delivery._queue) == batch
+
+
+def test_a_busy_worker_still_sees_what_other_processes_spool(server, roboflow_config, metrics, registry):
+    """Workers of several processes share one spool folder, and its gauges are said to report the
+    folder. A process whose delivery is busy with a backlog (here: a bandwidth limit of about one
+    sample a second) never goes idle, where it used to look at the folder: it must look anyway."""
+    from prometheus_client import CollectorRegistry
+
+    from edgecatch.metrics import Metrics
+
+    from .conftest import fill_spool
+
+    config = roboflow_config(concurrency=1, max_bytes_per_second=len(jpeg()) + 2000, drain_seconds=0.5)
+    fill_spool(open_spool(config, metrics), 40)
+    delivery = Delivery(config, metrics=metrics)
+    delivery.start()
+    try:
+        items = lambda: registry.get_sample_value("edgecatch_spool_items")  # noqa: E731
+        wait_for(lambda: len(server.annotated()) >= 1, timeout=30, what="a first delivery")
+        fill_spool(open_spool(config, Metrics(CollectorRegistry())), 30)  # another process's samples
+        wait_for(lambda: items() > 40, timeout=30, what="the other process's samples in the gauge")
+    finally:
+        delivery.stop()
