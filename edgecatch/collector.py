@@ -124,6 +124,7 @@ class Collector:
         # verdict each, as for remembered ones; bounded like the recall buffer's item count.
         self._late_verdicts: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._served_models: set[str] = set()
+        self._run_fd: int | None = None  # the spool's run/ folder, to name deep sockets (see _socket_address)
 
     @classmethod
     def from_config(cls, config: EdgecatchConfig, **kwargs: Any) -> Collector:
@@ -362,6 +363,16 @@ class Collector:
 
     # -- several workers: verdicts find the worker that remembers the prediction ---------------
 
+    def _socket_address(self, path: Path) -> str:
+        """What to bind or connect to for a socket at `path`. A Unix socket's address holds at most
+        107 bytes, so a deeper spool folder is named through this process's descriptor of its
+        run/ folder (/proc/self/fd/N/...), which the kernel resolves to the same file."""
+        if len(os.fsencode(path)) <= 100:
+            return str(path)
+        if self._run_fd is None:  # (a race opens it twice: harmless)
+            self._run_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self._run_fd}/{path.name}"
+
     def _peer_socket(self, pid: int) -> Path:
         return self.config.delivery.spool_dir / "run" / f"feedback-{pid}.sock"
 
@@ -391,7 +402,7 @@ class Collector:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(5.0)
-                sock.connect(str(path))
+                sock.connect(self._socket_address(path))
                 sock.sendall(json.dumps(message).encode() + b"\n")
                 answer = b""
                 while not answer.endswith(b"\n"):
@@ -468,7 +479,7 @@ class Collector:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 path.unlink(missing_ok=True)
-                self._peer_server = await asyncio.start_unix_server(self._serve_peer, path=str(path))
+                self._peer_server = await asyncio.start_unix_server(self._serve_peer, path=self._socket_address(path))
                 os.chmod(path, 0o600)
             except OSError as exc:
                 log.warning("verdicts for this worker cannot be forwarded from others: %s", exc)

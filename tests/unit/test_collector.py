@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -59,12 +60,12 @@ class RecordingDelivery:
 def make_collector(tmp_path):
     made = []
 
-    def make(policy: str = POLICY, **recall) -> Collector:
+    def make(policy: str = POLICY, spool: Path | None = None, **recall) -> Collector:
         path = tmp_path / "policies.yaml"
         path.write_text(textwrap.dedent(policy))
         config = EdgecatchConfig.model_validate({
             "policies": str(path), "recall": recall or {},
-            "delivery": {"spool_dir": str(tmp_path / "spool")},
+            "delivery": {"spool_dir": str(spool or tmp_path / "spool")},
             "metrics": {"max_class_labels": 2},
         })
         registry = CollectorRegistry()
@@ -348,11 +349,14 @@ def _untemper(y: int) -> int:
     return undo_right(y, 11)
 
 
-def test_a_verdict_sent_with_its_prediction_is_one_per_id_across_workers(make_collector, tmp_path):
+@pytest.mark.parametrize("deep", [False, True])
+def test_a_verdict_sent_with_its_prediction_is_one_per_id_across_workers(make_collector, tmp_path, deep):
     """The id's worker has forgotten the prediction: the client sends it along with the image (the
     404's hint), to whichever worker. Only the first is accepted: the worker that served it decides,
-    and once it is gone, the live worker with the lowest pid. A model not served here is refused."""
-    collector = make_collector()
+    and once it is gone, the live worker with the lowest pid. A model not served here is refused.
+    `deep`: a spool folder too deep for a Unix socket's 107-byte address, which workers still reach."""
+    spool = tmp_path / ("d" * 120 if deep else "") / "spool"
+    collector = make_collector(spool=spool)
     collector.start()
     collector.serve_models(["m"])
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -366,7 +370,7 @@ def test_a_verdict_sent_with_its_prediction_is_one_per_id_across_workers(make_co
         from edgecatch.observation import Verdict
         collector = Collector(__import__('edgecatch.config').config.EdgecatchConfig.model_validate(
             {{"policies": {str(tmp_path / 'policies.yaml')!r},
-              "delivery": {{"spool_dir": {str(tmp_path / 'spool')!r}}}}}),
+              "delivery": {{"spool_dir": {str(spool)!r}}}}}),
             metrics=Metrics(CollectorRegistry()), delivery=RecordingDelivery())
         collector.start()
         print(collector.new_inference_id(), collector.new_inference_id(), flush=True)  # served, forgotten
