@@ -102,6 +102,11 @@ class Collector:
             delivery = Delivery(config.delivery, metrics=self.metrics)
         self.delivery = delivery
         self.feedback_token = config.feedback.resolved_token()
+        if self.feedback_token is None and config.feedback.token_env:
+            from edgecatch.delivery.config import shown_variable
+
+            log.warning("feedback.token_env names the environment variable %s, which is not set: the feedback "
+                        "route takes verdicts without a token", shown_variable(config.feedback.token_env))
         self.max_feedback_image_bytes = config.feedback.max_image_bytes
         self._max_classes = config.metrics.max_class_labels
         self._classes: dict[str, set[str]] = {}
@@ -193,7 +198,8 @@ class Collector:
             # once per reason and model: a bad client must not flood the log, nor hide another model's problem
             self._unparsed_logged.add(key)
             where = f" of model {model}" if model else ""
-            log.warning("edgecatch could not read a prediction%s (%s): %s", where, reason, detail)
+            # The detail quotes what a client sent (tensor names, datatypes): one line, escaped.
+            log.warning("edgecatch could not read a prediction%s (%s): %s", where, reason, _one_line(detail))
 
     def _class_label(self, model: str, name: str) -> str:
         seen = self._classes.get(model)
@@ -610,6 +616,13 @@ def _new_id_key() -> None:
 
 
 os.register_at_fork(after_in_child=_new_id_key)  # forked workers (BentoML) must not draw the same ids
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
 
 _PEER_SOCKET = re.compile(r"^feedback-(\d+)\.sock$")
 _ID = re.compile(r"^w([0-9a-z]{1,8})-[0-9a-f]{16}(?:\.\d+)*$")

@@ -121,14 +121,25 @@ class RoboflowSinkConfig(_Strict):
         return self
 
     def resolved_api_key(self) -> str:
-        """The key; raises ValueError (without the key, of course) when the variable is unset."""
+        """The key; raises ConfigError (without the key, of course) when the variable is unset."""
         if self.api_key is not None:
             key = self.api_key.get_secret_value()
         else:
             key = os.environ.get(self.api_key_env or "", "")
             if not key:
-                raise ValueError(f"environment variable {self.api_key_env} (sink api_key_env) is not set")
+                from edgecatch.policies.load import ConfigError
+
+                raise ConfigError.from_message(
+                    "sink.api_key_env", f"the environment variable {shown_variable(self.api_key_env or '')} is not set")
         return key
+
+
+def shown_variable(name: str) -> str:
+    """An environment variable's name as messages may show it: only a conventional name (capitals,
+    digits, underscores). Anything else may be the secret itself pasted where its name belongs."""
+    if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,99}", name):
+        return name
+    return "(name not shown: not in capitals, is it the secret itself?)"
 
 
 SinkConfig = Annotated[Union[DirectorySinkConfig, RoboflowSinkConfig], Field(discriminator="type")]

@@ -12,6 +12,7 @@ from edgecatch.delivery.config import DeliveryConfig, parse_window
 from edgecatch.delivery.errors import Redactor
 from edgecatch.delivery.sample import is_sample_id, new_sample_id
 from edgecatch.delivery.schedule import ByteRateLimiter, Windows
+from edgecatch.policies.load import ConfigError
 
 
 def test_defaults_are_a_local_directory_sink():
@@ -46,6 +47,12 @@ def test_api_key_is_secret_and_env_is_resolved(monkeypatch):
         config.sink.resolved_api_key()
     monkeypatch.setenv("RF_K", "from-env")
     assert config.sink.resolved_api_key() == "from-env"
+    # The key pasted where the variable's name belongs: the message must not repeat it.
+    pasted = DeliveryConfig.model_validate({"sink": {"type": "roboflow", "dataset": "d",
+                                                     "api_key_env": "AbCdEf0123456789XyZ9qW"}})
+    with pytest.raises(ConfigError) as caught:
+        pasted.sink.resolved_api_key()
+    assert "AbCdEf0123456789XyZ9qW" not in str(caught.value) and "is it the secret itself" in str(caught.value)
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path):

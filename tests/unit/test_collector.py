@@ -450,3 +450,18 @@ def test_a_verdict_reaching_another_worker_is_forwarded(make_collector, tmp_path
     finally:
         child.kill() if child.poll() is None else None
         child.wait(10)
+
+
+def test_an_unreadable_prediction_is_logged_once_on_one_line(make_collector, caplog):
+    """What could not be read quotes the client's own names and types: escaped, so that a client
+    cannot write lines of its own into the log."""
+    import logging
+
+    collector = make_collector()
+    with caplog.at_level(logging.WARNING, logger="edgecatch"):
+        for _ in range(3):
+            collector.count_unparsed("http_tensor", detail="tensor X\nERROR forged line\x1b[31m", model="m")
+    (record,) = [r for r in caplog.records if "could not read" in r.getMessage()]
+    assert "\n" not in record.getMessage() and "\x1b" not in record.getMessage()
+    assert "tensor X\\x0aERROR forged line\\x1b[31m" in record.getMessage()
+    assert collector.registry.get_sample_value("edgecatch_unparsed_total", {"reason": "http_tensor"}) == 3
