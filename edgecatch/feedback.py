@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -102,11 +103,23 @@ def _image_problem(image: Any) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(image)) as opened:
-            opened.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # answered below instead
+            with Image.open(io.BytesIO(image)) as opened:
+                width, height = opened.size
+                opened.verify()
+    except Image.DecompressionBombError:
+        width, height = MAX_FEEDBACK_PIXELS + 1, 1
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return "'image' is not an image that can be read (JPEG, PNG, ...)"
+    # A few hundred KB of PNG can hold 150 million pixels: decoded for delivery, that is ~450 MB in
+    # the serving process. Pillow's own bound for untrusted images (89.5 MP) applies.
+    if width * height > MAX_FEEDBACK_PIXELS:
+        return f"'image' has more than {MAX_FEEDBACK_PIXELS} pixels"
     return None
+
+
+MAX_FEEDBACK_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS default
 
 
 MAX_JSON_BYTES = 1024 * 1024  # a verdict with corrected labels is a few KB

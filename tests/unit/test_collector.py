@@ -194,11 +194,20 @@ def test_the_feedback_token_scheme_is_case_insensitive(make_collector, authoriza
     ({"image": b"\xff\xd8 not really a jpeg"}, "'image' is not an image"),
     ({"image": b""}, "'image' is not an image"),
     ({"image": None}, "needs the 'image' too"),
+    ({"image": "huge png"}, "has more than 89478485 pixels"),  # 90 MP of black in ~90 KB
 ])
 def test_an_image_sent_with_a_verdict_must_be_usable_before_it_is_accepted(make_collector, form, message):
     from edgecatch.feedback import handle_feedback
 
     collector = make_collector()
+    if form.get("image") == "huge png":
+        import io
+
+        from PIL import Image
+
+        encoded = io.BytesIO()
+        Image.new("L", (10_000, 9_000)).save(encoded, "PNG")
+        form = {"image": encoded.getvalue()}
     fields = {"feedback": '{"inference_id": "client-1", "verdict": "incorrect"}',
               "prediction": '{"model": "m", "detections": []}', **form}
     fields = {k: v for k, v in fields.items() if v is not None}
