@@ -181,6 +181,12 @@ def _start(collector: Collector, *, mounted: bool) -> None:
             return
         _started = True
         collector.serve_models(_served_models)
+        own_logger = logging.getLogger("edgecatch")
+        if own_logger.level == logging.NOTSET:
+            # BentoML sets the root logger to WARNING: edgecatch's INFO lines (policy reloads, delivery
+            # starting and stopping) would vanish. They follow BentoML's own logger's verbosity
+            # (--verbose, quiet mode) unless the service configures edgecatch's logger itself.
+            own_logger.setLevel(logging.getLogger("bentoml").getEffectiveLevel())
         if mounted:
             collector.start()
             return

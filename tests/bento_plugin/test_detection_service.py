@@ -257,6 +257,8 @@ def test_broken_policy_on_reload_keeps_serving_with_the_old_one(service, upload_
         service.policy_path.write_text(good.replace("tags: [bento-test]", "tags: [bento-test, reloaded]"))
     assert wait_for(lambda: service.metric("edgecatch_policy_reloads_total", {"outcome": "success"}) >= 2,
                     timeout=30)
+    # Ops read in the log that the edit took effect (INFO, as verbose as BentoML's own logger).
+    assert wait_for(lambda: service.log().count("reloaded policies from") >= 2, timeout=10)
 
 
 def test_destination_down_does_not_fail_predictions_and_nothing_is_lost(service, upload_api, unique_jpeg):
