@@ -79,8 +79,8 @@ class Collector:
         self.limiter = build_limiter(config.limits, on_event=self._limiter_event)
         self.policies = PolicyStore(
             config.policies, state=EngineState(limiter=self.limiter),
-            poll_interval=config.policy_reload_seconds, clock=clock,
-            on_reload=self._policy_reloaded)
+            poll_interval=config.policy_reload_seconds, clock=clock, on_reload=self._policy_reloaded,
+            last_good=config.delivery.spool_dir / "run" / "last-good-policies.yaml")
         self.recall = RecallBuffer(
             max_items=config.recall.max_items, max_bytes=config.recall.max_bytes,
             max_age_seconds=config.recall.max_age_seconds)
@@ -90,7 +90,9 @@ class Collector:
             metrics.policy_reloads.labels(outcome)
         for verdict in Verdict:
             metrics.feedback.labels(verdict.value)
-        metrics.policy_reload_failing.set(0)
+        if self.policies.last_error is not None:  # started with the saved last good policies
+            metrics.policy_reloads.labels("failure").inc()
+        metrics.policy_reload_failing.set(1 if self.policies.last_error is not None else 0)
         for behaviour in ("fail_open", "fail_closed"):
             metrics.limiter_unavailable.labels(behaviour)
         if config.limits.resolved_backend() == "memory":

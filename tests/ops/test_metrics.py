@@ -131,6 +131,16 @@ def test_policy_reload_failing_holds_until_a_good_file_is_loaded(tmp_path):
     assert value("edgecatch_limiter_available") == 1  # in-process budgets always answer
 
 
+def test_a_process_started_on_a_broken_file_says_so_from_its_first_scrape(tmp_path):
+    """It starts with the last good policies saved by an earlier process of the same spool, and the
+    reload alarm is on from the start, as in the processes that were already running."""
+    collector_with(tmp_path, TWO_POLICIES)  # a first process: saves the good text
+    collector, registry, path = collector_with(tmp_path, TWO_POLICIES + "  - name: broken\n    confidence_below: high\n")
+    assert collector.policies.current.policy_names == ("first", "second")
+    assert registry.get_sample_value("edgecatch_policy_reload_failing") == 1
+    assert registry.get_sample_value("edgecatch_policy_reloads_total", {"outcome": "failure"}) == 1
+
+
 TALLY_VS_DIRECT = r"""
 import json, os, random, sys
 from prometheus_client import CollectorRegistry, Counter, Histogram

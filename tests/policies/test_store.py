@@ -207,3 +207,28 @@ def test_a_folder_or_unreadable_file_at_start_is_a_config_error(tmp_path):
     (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9".encode("latin-1"))
     with pytest.raises(ConfigError, match="cannot read"):
         PolicyStore(tmp_path / "latin1.yaml")
+
+
+def test_a_process_started_while_the_file_is_invalid_starts_with_the_last_good_policies(tmp_path, outcomes):
+    """A BentoML worker replacing a killed one, or a restarted pod, while ops' last edit is broken:
+    it starts with what the running processes keep (saved by the last good load), says so, and
+    picks up the fixed file. Without a saved copy (or with one of another file) it refuses."""
+    path = tmp_path / "policies.yaml"
+    saved = tmp_path / "spool" / "run" / "last-good-policies.yaml"
+    write(path, GOOD)
+    PolicyStore(path, last_good=saved, settle_seconds=0)
+    assert oct(saved.stat().st_mode & 0o777) == "0o600"
+    write(path, BROKEN)
+    restarted = PolicyStore(path, last_good=saved, on_reload=outcomes.append, settle_seconds=0)
+    assert restarted.current.policy_names == ("low",) and "confidence_bellow" in str(restarted.last_error)
+    assert restarted.check() is False  # nothing changed since
+    write(path, BETTER)
+    assert restarted.check() is True and restarted.last_error is None and outcomes == ["success"]
+    assert saved.read_text().endswith(BETTER)  # the new good text is what a next start would use
+    write(path, BROKEN)
+    with pytest.raises(ConfigError, match="confidence_bellow"):
+        PolicyStore(path)  # no saved copy
+    other = tmp_path / "other.yaml"
+    write(other, BROKEN)
+    with pytest.raises(ConfigError, match="confidence_bellow"):
+        PolicyStore(other, last_good=saved)  # a copy of another file is not used
