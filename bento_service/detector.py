@@ -28,7 +28,7 @@ Both detectors produce an unbounded raw score; we map it to [0, 1] with a logist
   midpoint 0.75, scale 0.35. On the realistic but person-free images shipped by scikit-image
   and scikit-learn the spurious windows have margins with median ~0.5 and 90th percentile
   ~0.75, so they map to <= 0.5; margins >= 1.5, typical of clearly visible pedestrians,
-  map to >= 0.9. Margin 0 -> 0.10, 1.0 -> 0.67.
+  map to ~0.9 (0.895 at 1.5). Margin 0 -> 0.10, 1.0 -> 0.67.
 * ``face`` / ``cat_face``: raw = the cascade's level weight from
   ``detectMultiScale3(..., outputRejectLevels=True)`` (sum of the last stage's weak
   classifiers), after OpenCV's own neighbour grouping (``minNeighbors=4``).

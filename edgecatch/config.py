@@ -77,7 +77,8 @@ class LimitsConfig(_Strict):
         "default", description="Name of the fleet sharing budgets: fleets on one Redis never share.")
     on_unavailable: Literal["fail_open", "fail_closed"] = Field(
         "fail_open", description="Redis unreachable or slow: fail_open uses local budgets divided by "
-                                 "expected_replicas; fail_closed selects nothing that has a limit.")
+                                 "expected_replicas; fail_closed selects nothing that has a limit (global "
+                                 "limits: count for every policy).")
     expected_replicas: Annotated[int, Field(ge=1)] = Field(
         1, description="Processes in the fleet; local budgets during an outage are divided by it.")
     timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = Field(

@@ -10,7 +10,7 @@ models:
       classes: CLASSES                  # [n] or [batch, n] (class ids); optional: all class 0
       box_format: xyxy                  # xyxy | xywh | cxcywh
       normalized: false                 # true: coordinates in [0, 1] of the image size
-    class_names: [person, face]         # or labels_file: labels.txt (one name a line)
+    class_names: [person, face]         # or class_names_file: labels.txt (one name a line)
   resnet:
     image: {input: INPUT__0, format: raw, layout: CHW, color: RGB, scale: 255}
     classification: {probabilities: OUTPUT__0}
