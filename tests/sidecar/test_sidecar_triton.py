@@ -786,6 +786,17 @@ def test_feedback_refuses_an_oversized_body_from_its_headers_on_both_ports(sidec
                 sock.sendall(b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                              b"Content-Length: " + announced + b"\r\n\r\n{")
                 assert sock.recv(65536).startswith(b"HTTP/1.1 413"), (port, announced)
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:  # no length: cut off at 1 MB
+            sock.sendall(b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
+            try:
+                for _ in range(32):  # 2 MB
+                    sock.sendall(chunk)
+            except OSError:
+                pass  # answered and closed before all of it was sent
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 413") and b"larger than" in answer, (port, answer[:200])
 
 
 def test_metrics_and_health(triton, sidecar):

@@ -362,15 +362,22 @@ class Sidecar:
     async def _admin_local(self, request):
         from aiohttp import web
 
+        body = b""
         if request.method == "POST" and request.path == "/edgecatch/feedback":
-            from edgecatch.feedback import answer_before_reading
+            from edgecatch.feedback import answer_before_reading, feedback_body_limit
 
+            multipart = request.content_type == "multipart/form-data"
             early = answer_before_reading(
-                self.collector, request.headers.get("Authorization"), request.headers.get("Content-Length"),
-                request.content_type == "multipart/form-data")
+                self.collector, request.headers.get("Authorization"), request.headers.get("Content-Length"), multipart)
             if early is not None:  # before reading the body
                 return web.json_response(early.body, status=early.status, headers=early.headers)
-        body = await request.read()
+            limit = feedback_body_limit(self.collector, multipart)
+            chunks = bytearray()
+            async for chunk in request.content.iter_chunked(65536):  # a chunked body is capped as it comes
+                chunks += chunk
+                if len(chunks) > limit:
+                    return web.json_response({"error": f"body larger than {limit} bytes"}, status=413)
+            body = bytes(chunks)
         headers = list(request.raw_headers)  # (bytes, bytes) pairs as received
         answer = await self._local(request.method.encode(), request.raw_path.encode(), headers, body)
         response = web.Response(status=answer.status, body=answer.body,
