@@ -103,25 +103,23 @@ _instances: weakref.WeakSet[RedisLimiter] = weakref.WeakSet()
 
 
 def redact_url(url: str) -> str:
-    """The URL as logs, errors and healthz may show it: the userinfo's password and every query value
-    (`?password=` is how a `unix://` socket gets one) replaced by `***`, any fragment dropped.
+    """Where a Redis URL connects, as logs, errors and healthz may show it: the scheme, then host,
+    port and db (or the socket path and db) as redis-py itself reads them. Credentials and every
+    other option are left out, whatever the spelling (a password in the userinfo or the query,
+    holding ':', '@', '#' or '/'); a URL redis-py cannot read shows its scheme only."""
+    scheme = url.partition("://")[0] if "://" in url else ""
+    try:
+        from redis.connection import parse_url
 
-    Split by hand, not with urlsplit: a password holding `#`, `/` or `?` (not percent-encoded) moves
-    urlsplit's boundaries and would leave part of it in the "host", path or fragment."""
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return "<unparsable URL>"
-    userinfo = ""
-    if "@" in rest:
-        credentials, _, rest = rest.rpartition("@")
-        # redis-py reads `user:password@`; without a colon the whole userinfo may be a password
-        userinfo = (credentials.split(":", 1)[0] + ":***@") if ":" in credentials else "***@"
-    rest = rest.split("#", 1)[0]
-    location, question, query = rest.partition("?")
-    if question:
-        masked = "&".join(f"{pair.split('=', 1)[0]}=***" if "=" in pair else pair for pair in query.split("&"))
-        location += "?" + masked
-    return f"{scheme}://{userinfo}{location}"
+        parts = parse_url(url)
+    except Exception:
+        return f"{scheme}://<unreadable>" if scheme.isalnum() else "<unparsable URL>"
+    db = parts.get("db")
+    if "path" in parts:  # unix:// socket
+        return f"{scheme}://{parts['path']}" + (f"?db={db}" if db is not None else "")
+    port = parts.get("port")
+    return f"{scheme}://{parts.get('host') or 'localhost'}" + (f":{port}" if port else "") + \
+        (f"/{db}" if db is not None else "")
 
 
 def scale_windows(windows: Windows, replicas: int) -> Windows:
