@@ -231,6 +231,39 @@ def test_edgecatch_routes_answer_from_the_headers_without_holding_the_body(harne
     assert raw_exchange(harness, fits).startswith(b"HTTP/1.1 200") and harness.local_bodies[-1] == b"hello"
 
 
+def test_a_body_announced_too_large_is_refused_before_it_comes_upgrade_offer_or_not(harness):
+    """413 from the Content-Length, before the body is sent; then the body is skipped (not held),
+    also for a request with an upgrade offer, whose body the parser leaves to the proxy."""
+    async def announce(extra: bytes) -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.write(b"POST /v2/models/seen/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n" + extra +
+                     b"\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b"accepts\"}"), 10)
+        try:
+            writer.write(b"x" * 3_000_000)
+            await writer.drain()
+        except ConnectionError:
+            pass  # closed after max_request_bytes of it
+        try:
+            rest = await asyncio.wait_for(reader.read(-1), 10)
+        except ConnectionError:
+            rest = b""  # a reset: the client was still sending past max_request_bytes
+        writer.close()
+        return answer, rest
+
+    for extra in (b"", b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"):
+        answer, rest = harness.loop.run_until_complete(announce(extra))
+        assert answer.startswith(b"HTTP/1.1 413") and b"Connection: close" in answer and rest == b"", extra
+        assert harness.exchanges == [] and not harness.proxy._clients
+
+
+def test_a_refused_request_waiting_for_100_continue_behind_another_is_not_told_to_send(harness):
+    out = raw_exchange(harness, b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                       b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n"
+                       b"Expect: 100-continue\r\n\r\n")
+    assert [a[:3] for a in out.split(b"HTTP/1.1 ")[1:]] == [b"200", b"401"] and b"100 Continue" not in out
+
+
 def test_malformed_and_oversized_requests(harness):
     assert raw_exchange(harness, b"NOT HTTP\r\n\r\n").startswith(b"HTTP/1.1 400")
     big = b"x" * (1024 * 1024 + 10)

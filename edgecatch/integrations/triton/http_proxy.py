@@ -71,6 +71,8 @@ given without its body (which is then skipped as it arrives, never held: a clien
 token cannot make the sidecar read and keep a large upload), or the most body bytes the route takes
 (more: 413)."""
 
+_TOO_LARGE = b'{"error":"request body larger than the sidecar accepts"}'
+
 _REASONS = {200: b"OK", 202: b"Accepted", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
             409: b"Conflict", 413: b"Payload Too Large", 502: b"Bad Gateway", 503: b"Service Unavailable",
             500: b"Internal Server Error"}
@@ -448,7 +450,7 @@ class _Client(asyncio.Protocol):
                 if current is not None and current.early_sent:
                     self._close()  # answered already
                 elif self._too_large:
-                    self._fail(413, b'{"error":"request body larger than the sidecar accepts"}')
+                    self._fail(413, _TOO_LARGE)
                 else:
                     self._fail(400, b'{"error":"malformed HTTP request"}')
                 return
@@ -457,7 +459,13 @@ class _Client(asyncio.Protocol):
         """Feed the body of a request with an upgrade offer; what follows it is returned."""
         request = self._upgrade_body
         take = data[:self._upgrade_need]
-        request.body.append(take)
+        if request.early is None:  # (its length was checked against the limit with its headers)
+            request.body.append(take)
+        else:  # answered already: skipped, and no more than max_request_bytes of it
+            self._size += len(take)
+            if self._size > self.proxy.max_request_bytes:
+                self._close()
+                return b""
         self._upgrade_need -= len(take)
         if self._upgrade_need:
             return b""
@@ -494,26 +502,30 @@ class _Client(asyncio.Protocol):
         request.method = self._parser.get_method()
         request.version = self._parser.get_http_version()
         limit = self.proxy.max_request_bytes
+        early: LocalResponse | None = None
         if b"/edgecatch/" in request.url and self.proxy.local_precheck is not None \
                 and _origin_form(request.url).startswith(b"/edgecatch/"):
             verdict = self.proxy.local_precheck(request.method, _origin_form(request.url), request.headers)
             if isinstance(verdict, LocalResponse):
-                request.early = verdict  # its body is skipped as it arrives, never held
-                if not self._busy and not self._queue:
-                    # Its turn: answered at once, and the connection closed once the body has passed
-                    # (read, not refused: a client still sending would get a reset instead of this answer).
-                    self.write(_response_bytes(verdict.status, verdict.body, verdict.content_type, verdict.headers,
-                                               keep_alive=False, head_only=request.head_only))
-                    request.early_sent = True
+                early = verdict
             else:
                 request.limit = limit = min(limit, verdict)
+        if early is None and (_content_length(request) or 0) > limit:
+            # Said before the body comes (an upgrade offer's body included, which on_body never sees).
+            early = LocalResponse(413, _TOO_LARGE)
+            request.limit = None
+        if early is not None:
+            request.early = early  # its body is skipped as it arrives (up to max_request_bytes), never held
+            if not self._busy and not self._queue:
+                # Its turn: answered at once, and the connection closed once the body has passed
+                # (read, not refused: a client still sending would get a reset instead of this answer).
+                self.write(_response_bytes(early.status, early.body, early.content_type, early.headers,
+                                           keep_alive=False, head_only=request.head_only))
+                request.early_sent = True
         for name, value in request.headers:
             if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
                 if request.early_sent:  # the client waits to hear whether to send its body: it need not
                     raise httptools.HttpParserError("answered without its body")
-                if (_content_length(request) or 0) > limit:
-                    self._too_large = True  # say so before the client sends the body
-                    raise httptools.HttpParserError("body too large")
                 request.awaits_continue = True
                 if not self._busy and not self._queue:  # otherwise when the answers before it are out
                     self._continue(request)
@@ -561,6 +573,12 @@ class _Client(asyncio.Protocol):
             return
         current = self._current
         if not self._busy and not self._queue and current is not None and current.awaits_continue:
+            if current.early is not None:  # refused from its headers: the client need not send its body
+                early = current.early
+                self.write(_response_bytes(early.status, early.body, early.content_type, early.headers,
+                                           keep_alive=False, head_only=current.head_only))
+                self._close()
+                return
             self._continue(current)  # its turn has come
         if self._eof and not self._busy and not self._queue:
             self._close()
