@@ -279,23 +279,31 @@ class Collector:
         if entry is None:
             if image is None:
                 prediction = None  # a prediction is only of use with its image
-            if prediction is not None and self._served_models and prediction.model not in self._served_models:
-                # The model name becomes a metric label and a dataset batch name: only models served here.
-                return FeedbackOutcome("unknown_model")
+            # The model name becomes a metric label and a dataset batch name: only models served here.
+            servable = prediction is not None and (
+                not self._served_models or prediction.model in self._served_models)
             owner = _owner_pid(inference_id)
             if owner is not None and owner != self._pid and self._peer_socket(owner).exists():
                 # The worker that served it may still remember it, even when the client sent the
                 # prediction along: asked first, so that one prediction gets one verdict. Sent
                 # along, it also answers whether this is the id's first verdict ("claimed").
-                outcome = self._forward_feedback(owner, inference_id, verdict, note, corrected,
-                                                 claim=prediction is not None)
-                if prediction is None or outcome.status in ("accepted", "duplicate"):
-                    return outcome
-                if outcome.status != "claimed" and not self._claim(inference_id, skip=owner):
-                    return FeedbackOutcome("duplicate")  # the owner vanished meanwhile: another decides
-            elif prediction is None:
+                outcome = self._forward_feedback(owner, inference_id, verdict, note, corrected, claim=servable)
+                if outcome.status in ("accepted", "duplicate", "forwarded_error"):
+                    return outcome  # decided there, or undecided (502: the client may send it again)
+                claimed: bool | None = outcome.status == "claimed" or None
+                if claimed is None and servable:  # the owner is gone after all: the others decide
+                    claimed = self._claim(inference_id, skip=owner)
+            elif servable:
+                claimed = self._claim_here(inference_id) if owner == self._pid else self._claim(inference_id, skip=owner)
+            else:
+                claimed = None
+            if prediction is None:
                 return FeedbackOutcome("unknown")
-            elif not (self._claim_here(inference_id) if owner == self._pid else self._claim(inference_id, skip=owner)):
+            if not servable:
+                return FeedbackOutcome("unknown_model")
+            if claimed is None:
+                return FeedbackOutcome("forwarded_error")
+            if not claimed:
                 return FeedbackOutcome("duplicate")
             base = Observation(
                 model=prediction.model, model_version=prediction.model_version,
@@ -314,15 +322,18 @@ class Collector:
         own prediction must name one of them."""
         self._served_models.update(names)
 
-    def _claim(self, inference_id: str, skip: int | None = None) -> bool:
+    def _claim(self, inference_id: str, skip: int | None = None) -> bool | None:
         """Whether a verdict sent with its prediction is the first for this id, when the worker that
         served it (`skip`) is gone: asked of the live worker with the lowest pid (every worker picks
-        the same one), or decided here."""
-        arbiter = min((pid for pid in self._peer_pids() if pid != skip), default=self._pid)
-        if arbiter != self._pid:
-            outcome = self._forward_claim(arbiter, inference_id)
-            if outcome is not None:
-                return outcome
+        the same one; a socket nobody listens on is passed over), or decided here when that is this
+        one. None: the arbiter did not answer, and nobody else may decide in its place."""
+        for pid in sorted(pid for pid in self._peer_pids() if pid != skip):
+            if pid == self._pid:
+                return self._claim_here(inference_id)
+            reply = self._ask_peer(pid, {"inference_id": inference_id, "claim_only": True})
+            if reply is False:
+                continue  # a leftover socket (its worker was killed; the pid may be another's now)
+            return reply["status"] == "claimed" if isinstance(reply, dict) else None
         return self._claim_here(inference_id)
 
     def _claim_here(self, inference_id: str) -> bool:
@@ -397,10 +408,6 @@ class Collector:
             return FeedbackOutcome("unknown")  # that worker is gone, and its memory with it
         decision = Decision(selected=reply.get("selected", False), policy=reply.get("policy"))
         return FeedbackOutcome(reply["status"], decision)
-
-    def _forward_claim(self, pid: int, inference_id: str) -> bool | None:
-        reply = self._ask_peer(pid, {"inference_id": inference_id, "claim_only": True})
-        return reply["status"] == "claimed" if isinstance(reply, dict) else None
 
     def _ask_peer(self, pid: int, message: dict[str, Any]) -> dict[str, Any] | bool | None:
         """A peer worker's JSON reply; False when it is gone; None when it did not answer."""
@@ -570,6 +577,9 @@ class Collector:
             self._tally.buffered = False  # from now on inline again; what was gathered is written now
             self._background_work()
             self._peer_socket(self._pid).unlink(missing_ok=True)
+            if self._run_fd is not None:
+                os.close(self._run_fd)
+                self._run_fd = None
             self.delivery.stop(timeout)
             close_limiter = getattr(self.limiter, "close", None)
             if close_limiter is not None:

@@ -383,11 +383,12 @@ def test_a_verdict_sent_with_its_prediction_is_one_per_id_across_workers(make_co
             metrics=Metrics(CollectorRegistry()), delivery=RecordingDelivery())
         collector.start()
         print(collector.new_inference_id(), collector.new_inference_id(), flush=True)  # served, forgotten
-        inference_id = sys.stdin.readline().strip()
         payload = PredictionPayload.model_validate({{"model": "m", "detections": []}})
-        print(collector.feedback(inference_id, Verdict.INCORRECT, prediction=payload, image=b"img").status,
-              flush=True)
-        sys.stdin.readline()
+        for line in sys.stdin:  # ids to give a verdict on, until an empty line
+            if not line.strip():
+                break
+            print(collector.feedback(line.strip(), Verdict.INCORRECT, prediction=payload, image=b"img").status,
+                  flush=True)
         collector.stop()
     """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     from edgecatch.feedback import PredictionPayload
@@ -400,6 +401,19 @@ def test_a_verdict_sent_with_its_prediction_is_one_per_id_across_workers(make_co
         child.stdin.flush()
         assert child.stdout.readline().strip() == "duplicate"  # the owner remembered the claim
         assert collector.feedback(first, Verdict.INCORRECT, prediction=payload, image=b"img").status == "duplicate"
+        # A worker killed long ago (its id's pid is gone) and a leftover socket whose pid is now
+        # another process's, and the lowest: passed over, so the two workers still agree on one.
+        import socket as sockets
+
+        stale = sockets.socket(sockets.AF_UNIX)
+        stale.bind(collector._socket_address(spool / "run" / "feedback-1.sock"))
+        stale.close()  # nothing listens there: connections are refused
+        orphan = "w2j9zz-0123456789abcdef"  # pid 4,258,655: above pid_max, no such process
+        child.stdin.write(orphan + "\n")
+        child.stdin.flush()
+        answers = [child.stdout.readline().strip(),
+                   collector.feedback(orphan, Verdict.INCORRECT, prediction=payload, image=b"img").status]
+        assert sorted(answers) == ["accepted", "duplicate"]
         child.stdin.write("\n")
         child.stdin.flush()
         child.wait(20)
@@ -409,7 +423,8 @@ def test_a_verdict_sent_with_its_prediction_is_one_per_id_across_workers(make_co
         evil = PredictionPayload.model_validate({"model": "made-up\nmodel", "detections": []})
         assert collector.feedback(f"w{collector._worker_tag}-0123456789abcdef", Verdict.INCORRECT,
                                   prediction=evil, image=b"img").status == "unknown_model"
-        assert [sample[0].inference_id for sample in collector.delivery.samples] == [first, second]
+        assert [sample[0].inference_id for sample in collector.delivery.samples if sample[0].inference_id != orphan] \
+            == [first, second]
     finally:
         child.kill() if child.poll() is None else None
         child.wait(10)
