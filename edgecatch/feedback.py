@@ -167,9 +167,11 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes | str]:
     fields: dict[str, bytes | str] = {}
     part: dict[str, Any] = {}
     ended = []
+    parts = [0]  # every part counts, named or not, repeated names too
 
     def on_part_begin() -> None:
-        if len(fields) >= MAX_MULTIPART_PARTS:
+        parts[0] += 1
+        if parts[0] > MAX_MULTIPART_PARTS:
             raise ValueError(f"more than {MAX_MULTIPART_PARTS} parts")
         part.clear()
         part.update(headers={}, field=b"", value=b"", data=[])

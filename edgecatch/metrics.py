@@ -237,6 +237,9 @@ def forget_dead_workers() -> list[int]:
     forgotten = []
     for pid in sorted(pids):
         if pid != os.getpid() and not process_alive(pid):
-            multiprocess.mark_process_dead(pid, folder)
+            try:
+                multiprocess.mark_process_dead(pid, folder)
+            except FileNotFoundError:  # another worker dropped them at the same moment
+                pass
             forgotten.append(pid)
     return forgotten

@@ -245,6 +245,7 @@ class Spool:
         self.metrics = metrics
         self._clock = clock
         self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()  # one periodic rescan at a time (maybe_rescan)
         self._index: OrderedDict[str, int] = OrderedDict()  # entry file name -> size, oldest first
         self._bytes = 0
         self._claimed: set[str] = set()
@@ -353,8 +354,14 @@ class Spool:
             os.close(fd)
 
     def maybe_rescan(self, max_age: float) -> None:
-        if self.scan_due(max_age):
-            self.scan()
+        """Rescan if the last scan is older than max_age; a rescan already under way (another
+        delivery worker's) is enough, not waited for, and not repeated."""
+        if self.scan_due(max_age) and self._scan_lock.acquire(blocking=False):
+            try:
+                if self.scan_due(max_age):
+                    self.scan()
+            finally:
+                self._scan_lock.release()
 
     def scan_due(self, max_age: float) -> bool:
         return time.monotonic() - self._last_scan >= max_age

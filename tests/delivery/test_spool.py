@@ -231,3 +231,28 @@ def test_processes_sharing_a_spool_never_take_the_same_entry(tmp_path, metrics):
     taken = [sample_id for out in outputs for sample_id in out]
     assert sorted(taken) == sorted(ids)  # every entry once, none twice
     assert sum(1 for out in outputs if out) >= 2  # and they really shared the work
+
+
+def test_one_periodic_rescan_at_a_time(tmp_path, metrics):
+    """Busy delivery workers of one process find a rescan due together: one does it, the others go
+    on (the folder may hold a large backlog)."""
+    import threading
+    import time as clock
+
+    spool = Spool(tmp_path / "spool", max_bytes=10**9, max_items=10**6, metrics=metrics).open()
+    scans = []
+    real_scan = spool.scan
+
+    def slow_scan(check_headers: bool = False) -> None:
+        scans.append(threading.get_ident())
+        clock.sleep(0.2)
+        real_scan(check_headers)
+
+    spool.scan = slow_scan
+    spool._last_scan = 0.0
+    threads = [threading.Thread(target=spool.maybe_rescan, args=(5.0,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(scans) == 1 and not spool.scan_due(5.0)
