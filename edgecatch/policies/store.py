@@ -55,6 +55,8 @@ class PolicyStore:
         self._poll_interval = poll_interval
         self._on_reload = on_reload
         self._settle_ns = int(settle_seconds * 1e9)
+        self._pending: tuple[int, int, int] | None = None  # a recent signature, waiting to settle
+        self._pending_since = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_good = Path(last_good) if last_good is not None else None
@@ -88,8 +90,15 @@ class PolicyStore:
         signature = self._stat()
         if signature == self._signature:
             return False
-        if signature is not None and 0 <= time.time_ns() - signature[0] < self._settle_ns:
-            return False  # still being written, perhaps: the next poll reads it (a future mtime: skew)
+        if self._settle_ns and signature is not None and time.time_ns() - signature[0] < self._settle_ns:
+            # Changed just now (or stamped ahead of this host's clock: a shared volume): read once
+            # it has stayed the same for settle_seconds, by this host's own clock.
+            now = time.monotonic_ns()
+            if self._pending != signature:
+                self._pending, self._pending_since = signature, now
+                return False
+            if now - self._pending_since < self._settle_ns:
+                return False
         self._signature = signature
         try:
             text = read_config_text(self.path)  # read once: what is checked is what is loaded

@@ -199,6 +199,14 @@ def test_a_file_still_being_written_is_read_once_it_has_settled(tmp_path, outcom
     os.utime(path, (old, old))  # as if the writer had finished a second ago
     assert store.check() is True
     assert store.current.policy_names == ("low", "all") and outcomes == ["success"]
+    # Stamped ahead of this host's clock (a shared volume's server): read once it stood still for
+    # settle_seconds by this host's clock.
+    write(path, GOOD)
+    ahead = time.time() + 3600
+    os.utime(path, (ahead, ahead))
+    assert store.check() is False and store.check() is False
+    time.sleep(0.6)
+    assert store.check() is True and store.current.policy_names == ("low",)
 
 
 def test_a_folder_or_unreadable_file_at_start_is_a_config_error(tmp_path):
