@@ -10,6 +10,8 @@ Layout (created mode 0700; every file mode 0600):
       quarantine/       torn or corrupt entries, with <name>.reason.txt beside them
       dead/             rejected samples (<sample_id>.ecs), the destination's answer beside them
                         (<sample_id>.answer.json); `edgecatch spool retry-dead-letters` moves them back
+      run/              not the spool's own: the collector's feedback-<pid>.sock (verdicts passed
+                        between workers) and last-good-policies.yaml (see policies/store.py)
 
 Entry format (`.ecs`), little-endian, self-describing and checked like prometheus_client's mmap files:
 
