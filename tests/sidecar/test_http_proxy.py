@@ -254,6 +254,7 @@ def test_a_body_announced_too_large_is_refused_before_it_comes_upgrade_offer_or_
     for extra in (b"", b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"):
         answer, rest = harness.loop.run_until_complete(announce(extra))
         assert answer.startswith(b"HTTP/1.1 413") and b"Connection: close" in answer and rest == b"", extra
+        harness.loop.run_until_complete(asyncio.sleep(0.2))  # the client's close reaches the proxy
         assert harness.exchanges == [] and not harness.proxy._clients
 
 
@@ -262,6 +263,37 @@ def test_a_refused_request_waiting_for_100_continue_behind_another_is_not_told_t
                        b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Length: 900000\r\n"
                        b"Expect: 100-continue\r\n\r\n")
     assert [a[:3] for a in out.split(b"HTTP/1.1 ")[1:]] == [b"200", b"401"] and b"100 Continue" not in out
+
+
+UPGRADE_OFFER = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+SLOW = b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def test_framing_found_by_fuzzing_stays_in_step(harness):
+    """Sequences a randomized test sent through the proxy (one final answer per request, in order,
+    never inside another answer, and a closing answer read by the client, not reset)."""
+    def statuses(out: bytes) -> list[bytes]:
+        return [answer[:3] for answer in out.split(b"HTTP/1.1 ")[1:]]
+
+    # An upgrade offer with a chunked body: the body is read and forwarded (with its length).
+    out = raw_exchange(harness, b"POST /v2/models/other/infer HTTP/1.1\r\nHost: x\r\n" + UPGRADE_OFFER +
+                       b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert statuses(out) == [b"200"] and out.endswith(b'{"echo":5}')
+    # Too large, behind an answer in progress (with an upgrade offer, or chunked behind a streamed
+    # answer): the 413 comes after that answer, whole.
+    out = raw_exchange(harness, SLOW + b"POST /v2/models/other/infer HTTP/1.1\r\nHost: x\r\n" + UPGRADE_OFFER +
+                       b"Content-Length: 2000000\r\n\r\n" + b"B" * 1_100_000)
+    assert statuses(out) == [b"200", b"413"] and b'{"echo":2}HTTP/1.1 413' in out
+    out = raw_exchange(harness, b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\n"
+                       b"POST /v2/models/other/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"110000\r\n" + b"C" * 0x110000 + b"\r\n0\r\n\r\n")
+    assert statuses(out) == [b"200", b"413"] and b"gamma\r\n0\r\n\r\nHTTP/1.1 413" in out
+    # Answered from its headers with the connection closing: nothing after it gets a second answer,
+    # and pipelined uploads behind it do not turn the close into a reset.
+    unauthorised = b"POST /edgecatch/feedback HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+    assert statuses(raw_exchange(harness, unauthorised + b"GARBAGE\r\n\r\n")) == [b"401"]
+    upload = b"POST /v2/models/other/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n" + b"e" * 60000
+    assert statuses(raw_exchange(harness, unauthorised + upload * 6)) == [b"401"]
 
 
 def test_malformed_and_oversized_requests(harness):

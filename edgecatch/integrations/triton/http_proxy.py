@@ -13,7 +13,11 @@ forwarded), a chunked request body is forwarded with a Content-Length, the answe
 with its head (Triton sends a body after some), an upgrade offer (`Upgrade: h2c`) is forwarded and
 the connection goes on in HTTP/1.1 as Triton answers it, and requests under `/edgecatch/` are served
 by edgecatch itself. A client is read at most `_MAX_QUEUED` complete requests ahead of its answers,
-as Triton reads, so pipelining cannot make the sidecar hold more than that.
+as Triton reads, so pipelining cannot make the sidecar hold more than that. A request that cannot be
+read, or whose body is larger than allowed, is answered (400, 413) in its turn, after the answers
+before it, and ends the connection; a connection is closed in stages (our side first, then what the
+client still sends is read and dropped for `_LINGER_SECONDS`), so that a client still sending reads
+its last answer instead of a reset.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ INFERENCE_ID_HEADER = b"X-Edgecatch-Inference-Id"
 _INFER_PATH = re.compile(rb"^/v2/models/([^/?]+)(?:/versions/([^/?]+))?/infer(?:\?.*)?$")
 _ABSOLUTE_URL = re.compile(rb"^https?://[^/?#]*", re.IGNORECASE)
 _MAX_QUEUED = 2  # complete requests of a connection waiting behind the one with Triton
+_LINGER_SECONDS = 2.0  # a closing connection drops what the client still sends for this long
 
 
 @dataclass(slots=True)
@@ -99,7 +104,7 @@ def _origin_form(url: bytes) -> bytes:
 
 class _Request:
     __slots__ = ("method", "url", "headers", "body", "keep_alive", "version", "awaits_continue", "early",
-                 "early_sent", "limit")
+                 "early_sent", "limit", "resumed")
 
     def __init__(self) -> None:
         self.method = b""
@@ -112,6 +117,7 @@ class _Request:
         self.early: LocalResponse | None = None  # an edgecatch route's answer decided from the headers
         self.early_sent = False  # ... and already written, before the body
         self.limit: int | None = None  # an edgecatch route's own body limit
+        self.resumed = False  # an upgrade offer whose body is read by a new parser
 
     @property
     def head_only(self) -> bool:
@@ -374,12 +380,17 @@ class _Client(asyncio.Protocol):
         self._busy = False  # a request of this connection is with Triton (or a local handler)
         self._closing = False
         self._too_large = False
+        self._failure: bytes | None = None  # the answer to an unreadable request, due after those before it
+        self._linger: asyncio.TimerHandle | None = None  # the end of a staged close
+        self._final_sent = False  # an answer with Connection: close was written before its turn ended
         self._paused = False  # the client does not read its answers fast enough
         self._reading = True
         self._held = False  # Triton does not read this client's request fast enough
         self._eof = False  # no more requests are read (the client half-closed, or the sidecar stops)
-        self._upgrade_body: _Request | None = None  # a request with an upgrade offer, its body to come
-        self._upgrade_need = 0
+        # A request with an upgrade offer whose body is still to come, and the framing of that body
+        # (see data_received); `_synthetic` while a new parser reads the head made up for it.
+        self._resume: tuple[_Request, bytes] | None = None
+        self._synthetic = False
 
     def hold_reading(self, held: bool) -> None:
         self._held = held
@@ -403,8 +414,13 @@ class _Client(asyncio.Protocol):
         self._closing = True
         self._queue.clear()
         self.proxy._clients.discard(self)
+        if self._linger is not None:
+            self._linger.cancel()
 
     def eof_received(self) -> bool:
+        if self._closing:  # the client is done too: the staged close is over
+            self.transport.close()
+            return True
         self.finish()
         return True  # keep the transport open to write the answers still due
 
@@ -431,20 +447,27 @@ class _Client(asyncio.Protocol):
             self._next()
 
     def data_received(self, data: bytes) -> None:
-        if self._upgrade_body is not None:
-            data = self._upgrade_body_data(data)
+        if self._failure is not None or self._closing:
+            return  # nothing after an unreadable request is read; nothing while closing
         while data:
             try:
                 self._parser.feed_data(data)
                 return
             except httptools.HttpParserUpgrade as exc:
                 # An upgrade offer (`Upgrade: h2c` from curl --http2, Java's client): Triton does not
-                # take it up and answers in HTTP/1.1, so parsing goes on in HTTP/1.1. The request's
-                # body, which llhttp leaves to the "new protocol", is read here.
+                # take it up and answers in HTTP/1.1, so parsing goes on in HTTP/1.1 with a new
+                # parser. llhttp leaves the offer's body to the "new protocol": the new parser reads
+                # it under a made-up head that has only the body's framing (Content-Length or
+                # chunked), so that it is read, limited and skipped like any other body.
                 self._parser = httptools.HttpRequestParser(self)
                 data = data[exc.args[0]:]
-                if self._upgrade_body is not None:
-                    data = self._upgrade_body_data(data)
+                if self._resume is not None:
+                    self._synthetic = True
+                    try:
+                        self._parser.feed_data(b"POST / HTTP/1.1\r\n" + self._resume[1] + b"\r\n\r\n")
+                    except httptools.HttpParserError:  # cannot happen with this head; never hang on it
+                        self._fail(400, b'{"error":"malformed HTTP request"}')
+                        return
             except httptools.HttpParserError:
                 current = self._current
                 if current is not None and current.early_sent:
@@ -455,49 +478,60 @@ class _Client(asyncio.Protocol):
                     self._fail(400, b'{"error":"malformed HTTP request"}')
                 return
 
-    def _upgrade_body_data(self, data: bytes) -> bytes:
-        """Feed the body of a request with an upgrade offer; what follows it is returned."""
-        request = self._upgrade_body
-        take = data[:self._upgrade_need]
-        if request.early is None:  # (its length was checked against the limit with its headers)
-            request.body.append(take)
-        else:  # answered already: skipped, and no more than max_request_bytes of it
-            self._size += len(take)
-            if self._size > self.proxy.max_request_bytes:
-                self._close()
-                return b""
-        self._upgrade_need -= len(take)
-        if self._upgrade_need:
-            return b""
-        self._upgrade_body = None
-        self._queue_request(request)
-        return data[len(take):]
-
     def write(self, data: bytes) -> None:
         if not self._closing:
             self.transport.write(data)
 
     def _fail(self, status: int, body: bytes) -> None:
-        self.write(_response_bytes(status, body, keep_alive=False))
-        self._close()
+        """A request that cannot be read (or is too large): answered once the answers before it are
+        out (never in the middle of one), then the connection is closed; nothing after it is read."""
+        if self._final_sent:  # an answer that ends the connection is out already: no second one
+            self._close()
+            return
+        self._failure = _response_bytes(status, body, keep_alive=False)
+        self._eof = True
+        if not self._busy and not self._queue:
+            self._next()
+        else:
+            self._update_reading()
 
     def _close(self) -> None:
         self._closing = True
         self._queue.clear()
-        self.transport.close()
+        transport = self.transport
+        if self._eof or not transport.can_write_eof():
+            transport.close()
+            return
+        # A staged close (RFC 9112, 9.6): end our side, then read and drop what the client still
+        # sends, for a moment: closed at once, unread bytes would make the kernel send a reset, and
+        # a client still sending would lose the answer it was just sent (a 401, a 413).
+        transport.write_eof()
+        if not self._reading:
+            transport.resume_reading()
+            self._reading = True
+        self._linger = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        if self._synthetic:  # the made-up head of an upgrade offer's body: that request goes on
+            self._current = self._resume[0]
+            self._resume = None
+            return
         self._current = _Request()
         self._size = 0
 
     def on_url(self, url: bytes) -> None:
-        self._current.url += url
+        if not self._synthetic:
+            self._current.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._current.headers.append((name, value))
+        if not self._synthetic:
+            self._current.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._synthetic:
+            self._synthetic = False  # its own headers were read (and checked) already
+            return
         request = self._current
         request.method = self._parser.get_method()
         request.version = self._parser.get_http_version()
@@ -521,7 +555,7 @@ class _Client(asyncio.Protocol):
                 # (read, not refused: a client still sending would get a reset instead of this answer).
                 self.write(_response_bytes(early.status, early.body, early.content_type, early.headers,
                                            keep_alive=False, head_only=request.head_only))
-                request.early_sent = True
+                request.early_sent = self._final_sent = True
         for name, value in request.headers:
             if len(name) == 6 and name.lower() == b"expect" and value.lower() == b"100-continue":
                 if request.early_sent:  # the client waits to hear whether to send its body: it need not
@@ -544,13 +578,19 @@ class _Client(asyncio.Protocol):
             current.body.append(body)
 
     def on_message_complete(self) -> None:
-        request, self._current = self._current, None
+        request = self._current
+        if request.resumed:  # an upgrade offer's body is complete (its keep-alive was decided before)
+            self._current = None
+            self._queue_request(request)
+            return
         request.keep_alive = self._parser.should_keep_alive() and not request.early_sent
         if self._parser.should_upgrade():
-            length = _content_length(request)
-            if length:
-                self._upgrade_body, self._upgrade_need = request, length  # see data_received
+            framing = _body_framing(request)
+            if framing is not None:  # its body is still to come: read in data_received
+                request.resumed = True
+                self._resume = (request, framing)
                 return
+        self._current = None
         self._queue_request(request)
 
     def _queue_request(self, request: _Request) -> None:
@@ -567,9 +607,15 @@ class _Client(asyncio.Protocol):
                 self._start(request)
             except Exception:  # never leave a client hanging
                 log.exception("unexpected error while proxying %s %s", request.method, request.url[:200])
-                self._fail(502, b'{"error":"edgecatch sidecar: internal error"}')
+                self.write(_response_bytes(502, b'{"error":"edgecatch sidecar: internal error"}', keep_alive=False))
+                self._close()
                 return
         if self._closing:
+            return
+        if self._failure is not None and not self._busy and not self._queue:
+            self.write(self._failure)
+            self._failure = None
+            self._close()
             return
         current = self._current
         if not self._busy and not self._queue and current is not None and current.awaits_continue:
@@ -674,6 +720,15 @@ class _Client(asyncio.Protocol):
         self.write(_response_bytes(502, b'{"error":"edgecatch sidecar: Triton %s"}' % reason,
                                    keep_alive=pending.request.keep_alive, head_only=pending.request.head_only))
         self.answered(pending)
+
+
+def _body_framing(request: _Request) -> bytes | None:
+    """The header that frames a request's body (chunked, or a Content-Length above 0), or None."""
+    for name, value in request.headers:
+        if len(name) == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            return b"Transfer-Encoding: chunked"
+    length = _content_length(request)
+    return b"Content-Length: %d" % length if length else None
 
 
 def _content_length(request: _Request) -> int | None:
