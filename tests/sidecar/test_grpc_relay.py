@@ -362,3 +362,43 @@ def test_stopping_sends_a_goaway_between_frames_and_closes_when_the_calls_are_do
         assert relay.down.transport.closed and relay.up.transport.closed
 
     asyncio.run(run())
+
+
+def test_only_answers_edgecatch_can_read_are_observed_and_get_an_id():
+    """From a randomized comparison with a real grpc.aio server: a unary answer over the limit (or
+    none, with an error status) gets no id and no observation; a stream answered trailers-only gets
+    no id in its trailers; a stream's answer over the limit keeps its place, unobserved."""
+    async def run():
+        relay = Relay({"seen"}, max_message_bytes=1000)
+        client_enc, triton_enc = hpack.Encoder(), hpack.Encoder()
+        big = service_pb2.ModelInferResponse(model_name="seen")
+        big.raw_output_contents.append(bytes(5000))
+        relay.client_sends(PREFACE + client_stream(client_enc, 1, MODEL_INFER, message(infer_request("seen")), False),
+                           100_000)
+        relay.triton_sends(triton_stream(triton_enc, 1, message(big.SerializeToString())), 100_000)
+        await asyncio.sleep(0)
+        assert b"x-edgecatch-inference-id" not in relay.down.transport.data and relay.exchanges == []
+
+        block = client_enc.encode([(":method", "POST"), (":path", MODEL_STREAM_INFER.decode())])
+        relay.client_sends(frame(HEADERS, END_HEADERS, 3, block) + frame(DATA, END_STREAM, 3, message(b"")), 100_000)
+        before = len(relay.down.transport.data)
+        trailers_only = triton_enc.encode([(":status", "200"), ("content-type", "application/grpc"),
+                                           ("grpc-status", "3"), ("grpc-message", "bad")])
+        relay.triton_sends(frame(HEADERS, END_HEADERS | END_STREAM, 3, trailers_only), 100_000)
+        assert b"x-edgecatch-inference-id" not in relay.down.transport.data[before:]
+
+        requests = b"".join(message(infer_request("seen", request_id=str(n))) for n in range(3))
+        relay.client_sends(frame(HEADERS, END_HEADERS, 5, block) + frame(DATA, 0, 5, requests), 100_000)
+        oversized = service_pb2.ModelInferResponse(model_name="seen", id="1")
+        oversized.raw_output_contents.append(bytes(5000))
+        answers = [stream_response("seen", "0"),
+                   service_pb2.ModelStreamInferResponse(infer_response=oversized).SerializeToString(),
+                   stream_response("seen", "2")]
+        head = triton_enc.encode([(":status", "200"), ("content-type", "application/grpc")])
+        relay.triton_sends(frame(HEADERS, END_HEADERS, 5, head) +
+                           b"".join(frame(DATA, 0, 5, message(a)) for a in answers), 100_000)
+        await asyncio.sleep(0)
+        assert [e.inference_id.rsplit(".", 1)[1] for e in relay.exchanges] == ["0", "2"]
+        assert [e.response for e in relay.exchanges] == [answers[0], answers[2]]
+
+    asyncio.run(run())

@@ -514,8 +514,9 @@ class _Downstream(asyncio.Protocol):
             _stop_pairing(stream, proxy)
 
 
-def _stop_pairing(stream: _Stream, proxy: GrpcProxy) -> None:
-    proxy.on_unparsed("grpc_stream_unpaired")
+def _stop_pairing(stream: _Stream, proxy: GrpcProxy, counted: bool = True) -> None:
+    if counted:
+        proxy.on_unparsed("grpc_stream_unpaired")
     stream.unpaired = True
     stream.awaited.clear()
     stream.kept = 0
@@ -632,6 +633,8 @@ class _Upstream(asyncio.Protocol):
                             copied = end
                         elif stream.kind == _UNARY:
                             stream.inference_id = None  # it could not be added: do not observe it under it
+                        else:
+                            _stop_pairing(stream, self.downstream.proxy, counted=False)
                     if flags & _END_STREAM:
                         self._finish(stream_id & 0x7FFFFFFF, stream)
                 if flags & _END_STREAM:  # the trailers: the call is over
@@ -651,13 +654,18 @@ class _Upstream(asyncio.Protocol):
 
     def _literal_for(self, stream: _Stream, flags: int) -> bytes | None:
         if stream.kind == _UNARY:
-            if flags & _END_STREAM and stream.model_ok and stream.responses.done:
+            # Only a call that returned a message edgecatch could read (an empty one: unreadable, too
+            # large, or none with an error status) is observed and gets its id.
+            if flags & _END_STREAM and stream.model_ok and stream.responses.done and stream.responses.done[0]:
                 stream.inference_id = self.downstream.proxy.new_inference_id()
                 return _id_literal(stream.inference_id)
             return None
         if not stream.answered:
-            stream.answered = True  # the stream's response headers: its id goes there
-            return _id_literal(stream.inference_id)
+            stream.answered = True
+            if flags & _END_STREAM:  # trailers only (no answer at all): no response headers to carry it
+                stream.unpaired = True
+                return None
+            return _id_literal(stream.inference_id)  # the stream's response headers: its id goes there
         return None
 
     def _response_data(self, stream: _Stream, payload: bytes) -> None:
@@ -691,8 +699,10 @@ class _Upstream(asyncio.Protocol):
                 return
             if request is not None:
                 stream.kept -= 1
-                exchange = GrpcExchange(f"{stream.inference_id}.{stream.count}", request, response, streamed=True)
-                proxy.on_exchange(exchange)
+                if response:  # empty: too large or unreadable, relayed only
+                    exchange = GrpcExchange(f"{stream.inference_id}.{stream.count}", request, response,
+                                            streamed=True)
+                    proxy.on_exchange(exchange)
             stream.count += 1
         stream.responses.done.clear()
 
