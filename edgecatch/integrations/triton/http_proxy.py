@@ -425,12 +425,19 @@ class _Client(asyncio.Protocol):
         return True  # keep the transport open to write the answers still due
 
     def finish(self) -> None:
-        """Read no more requests; close once those already read are answered."""
+        """Read no more requests; close once those already read are answered (and, last, the
+        request that could not be read, if that is why)."""
         self._eof = True
         if not self._busy and not self._queue:
-            self._close()
+            self._end()
         else:
             self._update_reading()
+
+    def _end(self) -> None:
+        if self._failure is not None:
+            self.write(self._failure)
+            self._failure = None
+        self._close()
 
     def abort(self) -> None:
         self._closing = True
@@ -489,11 +496,7 @@ class _Client(asyncio.Protocol):
             self._close()
             return
         self._failure = _response_bytes(status, body, keep_alive=False)
-        self._eof = True
-        if not self._busy and not self._queue:
-            self._next()
-        else:
-            self._update_reading()
+        self.finish()
 
     def _close(self) -> None:
         self._closing = True
@@ -613,9 +616,7 @@ class _Client(asyncio.Protocol):
         if self._closing:
             return
         if self._failure is not None and not self._busy and not self._queue:
-            self.write(self._failure)
-            self._failure = None
-            self._close()
+            self._end()
             return
         current = self._current
         if not self._busy and not self._queue and current is not None and current.awaits_continue:
