@@ -391,3 +391,82 @@ def test_a_compressed_http_body_is_read_only_up_to_max_request_bytes(tmp_path):
     padded = body + bytes(64 * 1024 * 1024)  # a binary tensor body padded with 64 MB of zeros
     sidecar.observe_http(exchange(gzip.compress(padded, compresslevel=1)))
     assert collector.unparsed == ["http_encoding"] and len(collector.observed) == 1
+
+
+def _grpc_request(inputs) -> service_pb2.ModelInferRequest:
+    """A ModelInferRequest as the official tritonclient builds it."""
+    from tritonclient.grpc._utils import _get_inference_request
+
+    return _get_inference_request(model_name="m", inputs=inputs, model_version="", request_id="", outputs=None,
+                                  sequence_id=0, sequence_start=False, sequence_end=False, priority=0,
+                                  timeout=None, parameters=None)
+
+
+def _grpc_response(outputs: dict[str, np.ndarray], in_shared_memory: tuple[str, ...] = ()):
+    """A ModelInferResponse as Triton sends it: an output written to shared memory keeps its place in
+    raw_output_contents with an empty entry."""
+    response = service_pb2.ModelInferResponse(model_name="m", model_version="1")
+    for name, array in outputs.items():
+        response.outputs.add(name=name, datatype="FP32" if array.dtype == np.float32 else "INT32",
+                             shape=list(array.shape))
+        response.raw_output_contents.append(b"" if name in in_shared_memory else array.tobytes())
+    return response
+
+
+@pytest.mark.parametrize("aux_first", [True, False])
+def test_grpc_input_in_shared_memory_leaves_the_other_inputs_in_place(aux_first):
+    """tritonclient leaves a shared-memory input out of raw_input_contents: the image must still be
+    the image, whichever place the other input has."""
+    import tritonclient.grpc as grpcclient
+
+    image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+    image.set_data_from_numpy(np.array([[jpeg(64, 48)]], dtype=object))
+    aux = grpcclient.InferInput("AUX", [1, 3], "FP32").set_shared_memory("region", 12)
+    request = _grpc_request([aux, image] if aux_first else [image, aux])
+    assert len(request.raw_input_contents) == 1
+    inputs = grpc_tensors(request, "inputs")
+    assert set(inputs) == {"IMAGE"}
+    (item,) = read_items(READING, ["person", "face"], inputs,
+                         grpc_tensors(_grpc_response({k: v[:1] for k, v in OUTPUTS.items()}), "outputs"))
+    assert (item.width, item.height) == (64, 48) and len(item.detections) == 1
+
+
+def test_grpc_output_in_shared_memory_that_is_not_read_is_no_obstacle():
+    import tritonclient.grpc as grpcclient
+
+    image = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+    image.set_data_from_numpy(np.array([[jpeg(64, 48)]], dtype=object))
+    outputs = {"EXTRA": np.zeros((1, 3), dtype=np.float32), **{k: v[:1] for k, v in OUTPUTS.items()}}
+    response = _grpc_response(outputs, in_shared_memory=("EXTRA",))
+    (item,) = read_items(READING, ["person", "face"], grpc_tensors(_grpc_request([image]), "inputs"),
+                         grpc_tensors(response, "outputs"))
+    assert len(item.detections) == 1
+    # One that is read: counted as a missing output, never read from another tensor's bytes.
+    response = _grpc_response({k: v[:1] for k, v in OUTPUTS.items()}, in_shared_memory=("SCORES",))
+    with pytest.raises(TensorError) as caught:
+        read_items(READING, ["person", "face"], grpc_tensors(_grpc_request([image]), "inputs"),
+                   grpc_tensors(response, "outputs"))
+    assert caught.value.reason == "output" and "SCORES" in str(caught.value)
+
+
+def test_grpc_raw_contents_that_match_no_tensors_are_refused():
+    request = service_pb2.ModelInferRequest(model_name="m")
+    request.inputs.add(name="A", datatype="FP32", shape=[1])
+    request.inputs.add(name="B", datatype="FP32", shape=[1])
+    request.raw_input_contents.append(np.zeros(1, dtype=np.float32).tobytes())
+    with pytest.raises(TensorError, match="1 raw contents for 2 tensors"):
+        grpc_tensors(request, "inputs")
+
+
+def test_classification_extension_outputs_are_not_read_as_numbers():
+    """`InferRequestedOutput("SCORES", class_count=2)` makes Triton answer "score:index:label" strings."""
+    body, length = request_body([jpeg(64, 48)])
+    _, inputs = http_tensors(body, length, "inputs")
+    header = {"model_name": "m", "model_version": "1", "outputs": [
+        {"name": "BOXES", "datatype": "FP32", "shape": [1, 2, 4], "data": [1, 2, 3, 4, 5, 6, 7, 8]},
+        {"name": "SCORES", "datatype": "BYTES", "shape": [1, 2], "data": ["0.910000:0:person", "0.550000:1:face"]},
+        {"name": "CLASSES", "datatype": "INT32", "shape": [1, 2], "data": [0, 1]}]}
+    _, outputs = http_tensors(json.dumps(header).encode(), None, "outputs")
+    with pytest.raises(TensorError) as caught:
+        read_items(READING, ["person", "face"], inputs, outputs)
+    assert caught.value.reason == "output" and "class_count" in str(caught.value)

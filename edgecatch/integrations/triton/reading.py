@@ -272,6 +272,8 @@ def read_items(
         tensor = outputs.get(name)
         if tensor is None:
             raise TensorError("output", f"output {name} is not in the response")
+        if tensor.datatype == "BYTES":  # e.g. Triton's classification extension ("score:index:label" strings)
+            raise TensorError("output", f"output {name} holds BYTES, not numbers (requested with class_count?)")
         return tensor
 
     def per_item(tensor: Tensor, what: str) -> int:

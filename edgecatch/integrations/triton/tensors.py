@@ -215,19 +215,36 @@ def http_tensors(body: bytes, header_length: int | None, key: str) -> tuple[dict
 
 
 def grpc_tensors(message: Any, key: str) -> dict[str, Tensor]:
-    """Tensors of a ModelInferRequest (`key`="inputs") or ModelInferResponse (`key`="outputs")."""
+    """Tensors of a ModelInferRequest (`key`="inputs") or ModelInferResponse (`key`="outputs").
+
+    A tensor in shared memory has no data in the message: tritonclient leaves a shared-memory input
+    out of `raw_input_contents`, and Triton gives a shared-memory output an empty entry of
+    `raw_output_contents`. Either way the raw entries are matched to the tensors that have data, and
+    a tensor without data (an empty entry for a tensor with elements) is left out, as over HTTP:
+    reading fails only if it is one edgecatch needs."""
     specs = getattr(message, key)
     raw = message.raw_input_contents if key == "inputs" else message.raw_output_contents
     tensors: dict[str, Tensor] = {}
-    for index, spec in enumerate(specs):
-        shape = tuple(spec.shape)
-        if raw:
-            if index >= len(raw):
-                raise TensorError("tensor", f"no raw contents for {spec.name}")
-            tensors[spec.name] = _from_raw(spec.name, spec.datatype, shape, raw[index])
-        elif spec.HasField("contents"):
+    if raw:
+        if len(raw) == len(specs):
+            pairs = zip(specs, raw)
+        else:
+            with_data = [spec for spec in specs if "shared_memory_region" not in spec.parameters]
+            if len(with_data) != len(raw):
+                raise TensorError("tensor", f"{len(raw)} raw contents for {len(specs)} tensors "
+                                            f"({len(specs) - len(with_data)} in shared memory)")
+            pairs = zip(with_data, raw)
+        for spec, contents in pairs:
+            shape = tuple(spec.shape)
+            if not contents and math.prod(shape):
+                continue  # its data is in shared memory
+            tensors[spec.name] = _from_raw(spec.name, spec.datatype, shape, contents)
+        return tensors
+    for spec in specs:
+        if spec.HasField("contents"):
             field = _GRPC_CONTENTS.get(spec.datatype)
             if field is None:
                 raise TensorError("datatype", f"datatype {spec.datatype} is not read by edgecatch")
-            tensors[spec.name] = _from_list(spec.name, spec.datatype, shape, list(getattr(spec.contents, field)))
+            tensors[spec.name] = _from_list(spec.name, spec.datatype, tuple(spec.shape),
+                                            list(getattr(spec.contents, field)))
     return tensors
