@@ -43,6 +43,14 @@ async def upstream_app() -> web.Application:
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200, body=b"")
 
+    async def refused_infer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=400, body=b'{"error":"unexpected shape"}', content_type="application/json")
+
+    async def generate(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=b'{"text_output":"x"}', content_type="application/json")
+
     async def slow_infer(request: web.Request) -> web.Response:
         body = await request.read()
         await asyncio.sleep(0.2)
@@ -50,6 +58,9 @@ async def upstream_app() -> web.Application:
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v2/models/slow/infer", slow_infer)
+    app.router.add_post("/v2/models/refused/infer", refused_infer)
+    app.router.add_post("/v2/models/{name}/generate", generate)
+    app.router.add_post("/v2/models/{name}/generate_stream", generate)
     app.router.add_post("/v2/models/{name}/infer", infer)
     app.router.add_post("/v2/models/{name}/versions/{v}/infer", infer)
     app.router.add_get("/chunked", chunked)
@@ -65,6 +76,7 @@ def harness():
     ids = iter(f"id-{n}" for n in range(10_000))
 
     local_bodies: list[bytes] = []
+    unparsed: list[str] = []
 
     async def local(method, url, headers, body):
         local_bodies.append(body)
@@ -82,9 +94,9 @@ def harness():
         await runner.setup()
         up_port = free_port()
         await web.TCPSite(runner, "127.0.0.1", up_port).start()
-        proxy = HttpProxy("127.0.0.1", up_port, observed_models=lambda m: m == "seen",
+        proxy = HttpProxy("127.0.0.1", up_port, observed_models=lambda m: m in ("seen", "refused"),
                           new_inference_id=lambda: next(ids), on_exchange=exchanges.append,
-                          local_handler=local, local_precheck=precheck, max_request_bytes=1024 * 1024)
+                          on_unparsed=unparsed.append, local_handler=local, local_precheck=precheck, max_request_bytes=1024 * 1024)
         port = await proxy.start("127.0.0.1", 0)
         return runner, proxy, port, up_port
 
@@ -96,6 +108,7 @@ def harness():
     h = H()
     h.loop, h.port, h.up_port, h.exchanges, h.proxy = loop, port, up_port, exchanges, proxy
     h.local_bodies = local_bodies
+    h.unparsed = unparsed
     yield h
     loop.run_until_complete(proxy.close())
     loop.run_until_complete(runner.cleanup())
@@ -127,6 +140,24 @@ def test_observed_infer_gets_the_id_header_and_is_handed_over(harness):
     assert (exchange.model, exchange.version, exchange.inference_id) == ("seen", "2", "id-0")
     assert exchange.request_body == body and exchange.response_body == b'{"echo":13}'
     assert exchange.status == 200
+
+
+def test_an_observed_call_that_triton_refuses_carries_no_id(harness):
+    """No prediction, so no id a client could send a verdict on (gRPC adds one only on success too)."""
+    out = raw_exchange(harness, b"POST /v2/models/refused/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                       b"Connection: close\r\n\r\n{}")
+    assert out.startswith(b"HTTP/1.1 400 ") and out.endswith(b'{"error":"unexpected shape"}')
+    assert b"X-Edgecatch" not in out
+
+
+@pytest.mark.parametrize("route", ["generate", "generate_stream"])
+def test_generate_calls_to_observed_models_are_relayed_and_counted_unread(harness, route):
+    call = b"POST /v2/models/%s/%s HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    out = raw_exchange(harness, call % (b"seen", route.encode()))
+    assert out.endswith(b'{"text_output":"x"}') and b"X-Edgecatch" not in out
+    raw_exchange(harness, call % (b"other", route.encode()))
+    harness.loop.run_until_complete(asyncio.sleep(0.01))
+    assert harness.unparsed == ["http_generate"] and harness.exchanges == []
 
 
 def test_unobserved_models_pass_untouched(harness):

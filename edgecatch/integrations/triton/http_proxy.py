@@ -5,7 +5,7 @@ costs time on every request and risks changing what Triton receives or the clien
 proxy parses only to find message boundaries (httptools, the C parser uvicorn uses), forwards the
 request line and headers as received, relays Triton's response bytes as they arrive on a pool of
 persistent upstream connections, and splices exactly one header, `X-Edgecatch-Inference-Id`, into
-the responses of observed inference calls. `on_exchange` receives each observed pair once the
+the successful (200) responses of observed inference calls. `on_exchange` receives each observed pair once the
 response has been written, and must only queue it: observation never delays an answer.
 
 Differences from a raw TCP relay, all hop-by-hop: `Expect: 100-continue` is answered here (and not
@@ -39,7 +39,9 @@ __all__ = ["Exchange", "HttpProxy", "LocalResponse"]
 log = logging.getLogger("edgecatch.sidecar.http")
 
 INFERENCE_ID_HEADER = b"X-Edgecatch-Inference-Id"
-_INFER_PATH = re.compile(rb"^/v2/models/([^/?]+)(?:/versions/([^/?]+))?/infer(?:\?.*)?$")
+#: Inference calls: `infer` is read along; `generate` / `generate_stream` (Triton's generate extension)
+#: are relayed and, for an observed model, counted as unread.
+_INFER_PATH = re.compile(rb"^/v2/models/([^/?]+)(?:/versions/([^/?]+))?/(infer|generate|generate_stream)(?:\?.*)?$")
 _ABSOLUTE_URL = re.compile(rb"^https?://[^/?#]*", re.IGNORECASE)
 _MAX_QUEUED = 2  # complete requests of a connection waiting behind the one with Triton
 _LINGER_SECONDS = 2.0  # a closing connection drops what the client still sends for this long
@@ -135,6 +137,7 @@ class HttpProxy:
         observed_models: Callable[[str], bool],
         new_inference_id: Callable[[], str],
         on_exchange: Callable[[Exchange], None],
+        on_unparsed: Callable[[str], None] = lambda reason: None,
         local_handler: LocalHandler | None = None,
         local_precheck: LocalPrecheck | None = None,
         max_request_bytes: int = 256 * 1024 * 1024,
@@ -146,6 +149,7 @@ class HttpProxy:
         self.observed_models = observed_models
         self.new_inference_id = new_inference_id
         self.on_exchange = on_exchange
+        self.on_unparsed = on_unparsed
         self.local_handler = local_handler
         self.local_precheck = local_precheck
         self.max_request_bytes = max_request_bytes
@@ -305,8 +309,10 @@ class _Upstream(asyncio.Protocol):
                 inject = self._inject
                 if self._head_only:
                     client.write(head[:end + 4])  # an answer to HEAD is its head, whatever follows
+                elif inject and head[8:13] in (b" 200 ", b" 200\r"):  # an id only for a prediction
+                    client.write(head[:end + 2] + inject + head[end + 2:])
                 else:
-                    client.write(head[:end + 2] + inject + head[end + 2:] if inject else head)
+                    client.write(head)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -647,7 +653,9 @@ class _Client(asyncio.Protocol):
             match = _INFER_PATH.match(path)
             if match is not None:
                 model, observed = self.proxy._model(match.group(1))
-                if observed:
+                if observed and match.group(3) != b"infer":
+                    self.proxy.on_unparsed("http_generate")
+                elif observed:
                     observe_as = (model, (match.group(2) or b"").decode("utf-8", "replace"))
                     inference_id = self.proxy.new_inference_id()
                     inject = b"%s: %s\r\n" % (INFERENCE_ID_HEADER, inference_id.encode())

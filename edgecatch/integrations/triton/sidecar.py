@@ -195,6 +195,7 @@ class Sidecar:
             observed_models=self._observed,
             new_inference_id=collector.new_inference_id,
             on_exchange=self.observer.handler(self.observe_http),
+            on_unparsed=collector.count_unparsed,
             local_handler=self._local,
             local_precheck=self._local_precheck,
             max_request_bytes=self.settings.max_request_bytes,
