@@ -527,6 +527,98 @@ def test_tritonclient_grpc_streams_sync_and_asyncio(triton, sidecar, images):
     assert asyncio.run(aio_stream(sidecar.grpc)) == asyncio.run(aio_stream(triton.grpc))
 
 
+DECOUPLED = "decoupled_detector"
+
+#: A decoupled model, loaded through Triton's repository API with its config and file given in the
+#: call: it answers each request from a thread (the first it ever gets last), with a box as wide as the
+#: request's image bytes are long, so which request an answer belongs to shows in the answer.
+DECOUPLED_CONFIG = {
+    "name": DECOUPLED, "backend": "python", "max_batch_size": 0,
+    "model_transaction_policy": {"decoupled": True},
+    "input": [{"name": "IMAGE", "data_type": "TYPE_STRING", "dims": [1, 1]}],
+    "output": [{"name": "BOXES", "data_type": "TYPE_FP32", "dims": [1, -1, 4]},
+               {"name": "SCORES", "data_type": "TYPE_FP32", "dims": [1, -1]},
+               {"name": "CLASSES", "data_type": "TYPE_INT32", "dims": [1, -1]}],
+    "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
+}
+DECOUPLED_MODEL = """\
+import threading, time
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.seen = 0
+
+    def execute(self, requests):
+        for request in requests:
+            threading.Thread(target=self.answer, args=(request, 0.5 if self.seen == 0 else 0.0)).start()
+            self.seen += 1
+        return None
+
+    def answer(self, request, delay):
+        time.sleep(delay)
+        size = len(pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)[0])
+        request.get_response_sender().send(pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("BOXES", np.array([[[0, 0, size, 10]]], dtype=np.float32)),
+            pb_utils.Tensor("SCORES", np.array([[0.5]], dtype=np.float32)),
+            pb_utils.Tensor("CLASSES", np.array([[0]], dtype=np.int32))]),
+            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+"""
+
+
+def test_a_decoupled_model_is_relayed_not_observed(triton, tmp_path, images):
+    """A decoupled model answers a stream's requests in any order, with nothing in its answers (empty
+    request ids) that says which request each belongs to: paired by position, a prediction would be
+    stored with another request's image. Triton's model config says the model is decoupled, and the
+    sidecar relays its calls without reading them."""
+    import queue
+
+    from tests.sidecar.processes import example_models
+
+    load = {"parameters": {"config": json.dumps(DECOUPLED_CONFIG),
+                           "file:1/model.py": base64.b64encode(DECOUPLED_MODEL.encode()).decode()}}
+    answer = request(triton.http, "POST", f"/v2/repository/models/{DECOUPLED}/load", json.dumps(load).encode())
+    assert answer.status == 200, answer.body
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(POLICY)
+    dataset = tmp_path / "dataset"
+    models = example_models()
+    models[DECOUPLED] = {**models[TRIVIAL], "model": "decoupled-detector"}
+    process = SidecarProcess(tmp_path, triton, policies=policies, sink={"type": "directory", "path": str(dataset)},
+                             models=models)
+    process.start()
+    try:
+        client = tritonclient_grpc.InferenceServerClient(process.grpc)
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        for image in images[:3]:
+            tensor = tritonclient_grpc.InferInput("IMAGE", [1, 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([[image]], dtype=object))
+            client.async_stream_infer(DECOUPLED, [tensor])
+        widths = []
+        for _ in range(3):
+            result, error = results.get(timeout=30)
+            assert error is None
+            widths.append(int(result.as_numpy("BOXES")[0, 0, 2]))
+        client.stop_stream()
+        client.close()
+        sent = [len(image) for image in images[:3]]
+        assert widths != sent and sorted(widths) == sorted(sent)  # the first request was answered last
+        assert metric(process, "edgecatch_unparsed_total", reason="decoupled_model") >= 3
+        # The example models are still read along.
+        assert request(process.http, "POST", f"/v2/models/{TRIVIAL}/infer", *binary_infer_body(images[:1])).status == 200
+        time.sleep(0.5)
+        models_stored = {entry["model"] for entry in manifest(dataset).values()}
+        assert models_stored == {"trivial-detector"}
+        assert "model decoupled_detector is decoupled" in process.log_tail(200_000)
+    finally:
+        process.stop()
+        request(triton.http, "POST", f"/v2/repository/models/{DECOUPLED}/unload", b"{}")
+    assert "Traceback" not in process.log_tail(200_000), process.log_tail()
+
+
 # -- every other KServe endpoint ---------------------------------------------------------------
 
 HTTP_ENDPOINTS = [

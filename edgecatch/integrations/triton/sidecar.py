@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -39,6 +40,9 @@ from edgecatch.policies.load import ConfigError, ConfigProblem, load_model
 __all__ = ["Sidecar", "SidecarConfig", "load_sidecar_config"]
 
 log = logging.getLogger("edgecatch.sidecar")
+
+#: How often Triton's config of each configured model is read again (it can be reloaded as another).
+_MODEL_CHECK_SECONDS = 5.0
 
 
 def _address(value: str) -> str:
@@ -211,12 +215,87 @@ class Sidecar:
         )
         self._admin_runner = None
         self.ports: dict[str, int] = {}
+        # Whether each configured model is decoupled, as Triton's model config says (see _observed).
+        self._decoupled: dict[str, bool] = {}
+        self._model_watch: asyncio.Task | None = None
+        self._model_check: asyncio.Task | None = None
+        self._last_model_check = float("-inf")
 
     def _observed(self, model: str) -> bool:
-        if model in self.settings.models:
+        """Whether the calls of `model` are read along: configured, and known not to be decoupled.
+
+        A decoupled model may answer the requests of a stream in any order, or several times, and
+        with empty request ids nothing in its answers says which request they belong to: read along,
+        a prediction would be stored with another request's image. Triton's model config says which
+        models are (read at start, every few seconds, and at once for a model not known yet)."""
+        if model not in self.settings.models:
+            self.collector.count_unparsed("unconfigured_model")
+            return False
+        decoupled = self._decoupled.get(model)
+        if decoupled is False:
             return True
-        self.collector.count_unparsed("unconfigured_model")
+        if decoupled:
+            self.collector.count_unparsed("decoupled_model")
+        else:
+            self.collector.count_unparsed("model_config_unknown")
+            self._check_models_soon()
         return False
+
+    def _check_models_soon(self) -> None:
+        now = time.monotonic()
+        if now - self._last_model_check >= 1.0 and (self._model_check is None or self._model_check.done()):
+            self._last_model_check = now
+            self._model_check = asyncio.get_running_loop().create_task(self._check_models())
+
+    async def _check_models(self) -> None:
+        """Read each configured model's transaction policy from Triton's model config."""
+        for name in self.settings.models:
+            answer = await self._triton_get(f"/v2/models/{quote(name, safe='')}/config")
+            if answer is None:
+                return  # Triton does not answer: what is known stays known
+            status, body = answer
+            decoupled = None
+            if status == 200:
+                try:
+                    policy = json.loads(body).get("model_transaction_policy") or {}
+                    decoupled = bool(policy.get("decoupled", False))
+                except (ValueError, AttributeError):
+                    pass
+            if decoupled is None:  # not loaded (or an answer not understood): not read along until it is
+                self._decoupled.pop(name, None)
+                continue
+            if decoupled and not self._decoupled.get(name):
+                log.warning("model %s is decoupled: its answers cannot be paired with its requests, so its calls "
+                            "are relayed, not observed (edgecatch_unparsed_total{reason=\"decoupled_model\"})", name)
+            self._decoupled[name] = decoupled
+
+    async def _watch_models(self) -> None:
+        while True:
+            await asyncio.sleep(_MODEL_CHECK_SECONDS)
+            try:
+                await self._check_models()
+            except Exception:  # never let the watch end: unknown models are then simply not observed
+                log.exception("reading Triton's model configs failed")
+
+    async def _triton_get(self, path: str) -> tuple[int, bytes] | None:
+        """(status, body) of `GET path` on Triton's HTTP endpoint; None when it does not answer.
+        HTTP/1.0: the answer ends with the connection, never chunked."""
+        host, port = split_address(self.settings.triton.http)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+            try:
+                writer.write(f"GET {path} HTTP/1.0\r\nHost: triton\r\n\r\n".encode())
+                await writer.drain()
+                answer = await asyncio.wait_for(reader.read(-1), 2.0)
+            finally:
+                writer.close()
+        except (OSError, asyncio.TimeoutError):
+            return None
+        head, _, body = answer.partition(b"\r\n\r\n")
+        try:
+            return int(head.split(b" ", 2)[1]), body
+        except (IndexError, ValueError):
+            return None
 
     # -- observation ---------------------------------------------------------------------------
 
@@ -317,17 +396,8 @@ class Sidecar:
         return LocalResponse(404, b'{"error":"no such edgecatch route"}')
 
     async def health(self) -> tuple[int, dict[str, Any]]:
-        host, port = split_address(self.settings.triton.http)
-        upstream = "unreachable"
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
-            writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: triton\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.read(-1), 2.0)
-            writer.close()
-            upstream = "ready" if answer.startswith(b"HTTP/1.1 200") else "not_ready"
-        except (OSError, asyncio.TimeoutError):
-            pass
+        answer = await self._triton_get("/v2/health/ready")
+        upstream = "unreachable" if answer is None else "ready" if answer[0] == 200 else "not_ready"
         report = {"upstream": upstream, **self.collector.health()}
         return (200 if upstream == "ready" else 503), report
 
@@ -337,6 +407,8 @@ class Sidecar:
         from aiohttp import web
 
         self.collector.start()
+        await self._check_models()  # before the first call: which models are decoupled
+        self._model_watch = asyncio.get_running_loop().create_task(self._watch_models())
         host, port = split_address(self.settings.listen.http)
         self.ports["http"] = await self.http.start(host, port)
         self.ports["grpc"] = await self.grpc.start(self.settings.listen.grpc)
@@ -390,6 +462,9 @@ class Sidecar:
     async def stop(self) -> None:
         grace = self.settings.stop_grace_seconds
         await asyncio.gather(self.http.close(grace), self.grpc.close(grace))
+        for task in (self._model_watch, self._model_check):
+            if task is not None:
+                task.cancel()
         self.observer.drain_now()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
