@@ -619,6 +619,29 @@ def test_a_decoupled_model_is_relayed_not_observed(triton, tmp_path, images):
     assert "Traceback" not in process.log_tail(200_000), process.log_tail()
 
 
+def test_a_triton_serving_only_grpc_is_still_observed(triton, tmp_path, images):
+    """Triton's HTTP endpoint may be off (--allow-http=false): model configs are then read over gRPC,
+    and gRPC calls are observed as before."""
+    from types import SimpleNamespace
+
+    from tests.sidecar.processes import free_port
+
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(POLICY)
+    dataset = tmp_path / "dataset"
+    grpc_only = SimpleNamespace(http=f"127.0.0.1:{free_port()}", grpc=triton.grpc)  # nothing listens on that port
+    process = SidecarProcess(tmp_path, grpc_only, policies=policies, sink={"type": "directory", "path": str(dataset)})
+    process.start()
+    try:
+        answer = grpc_call(process.grpc, "ModelInfer", infer_request(TRIVIAL, images[:1]).SerializeToString())
+        assert answer.code == grpc.StatusCode.OK and ID_PATTERN.match(answer.inference_id)
+        wait_for_samples(dataset, [answer.inference_id])
+        assert metric(process, "edgecatch_unparsed_total", reason="model_config_unknown") == 0
+    finally:
+        process.stop()
+    assert "Traceback" not in process.log_tail(200_000), process.log_tail()
+
+
 # -- every other KServe endpoint ---------------------------------------------------------------
 
 HTTP_ENDPOINTS = [

@@ -43,6 +43,7 @@ log = logging.getLogger("edgecatch.sidecar")
 
 #: How often Triton's config of each configured model is read again (it can be reloaded as another).
 _MODEL_CHECK_SECONDS = 5.0
+_NO_ANSWER = object()  # Triton did not answer a question about a model
 
 
 def _address(value: str) -> str:
@@ -250,17 +251,13 @@ class Sidecar:
     async def _check_models(self) -> None:
         """Read each configured model's transaction policy from Triton's model config."""
         for name in self.settings.models:
-            answer = await self._triton_get(f"/v2/models/{quote(name, safe='')}/config")
-            if answer is None:
+            config = await self._model_config(name)
+            if config is _NO_ANSWER:
                 return  # Triton does not answer: what is known stays known
-            status, body = answer
             decoupled = None
-            if status == 200:
-                try:
-                    policy = json.loads(body).get("model_transaction_policy") or {}
-                    decoupled = bool(policy.get("decoupled", False))
-                except (ValueError, AttributeError):
-                    pass
+            if isinstance(config, dict):
+                policy = config.get("model_transaction_policy")
+                decoupled = bool(policy.get("decoupled", False)) if isinstance(policy, dict) else False
             if decoupled is None:  # not loaded (or an answer not understood): not read along until it is
                 self._decoupled.pop(name, None)
                 continue
@@ -268,6 +265,31 @@ class Sidecar:
                 log.warning("model %s is decoupled: its answers cannot be paired with its requests, so its calls "
                             "are relayed, not observed (edgecatch_unparsed_total{reason=\"decoupled_model\"})", name)
             self._decoupled[name] = decoupled
+
+    async def _model_config(self, name: str) -> Any:
+        """Triton's config of `name` as JSON; None when Triton has no such model loaded; _NO_ANSWER."""
+        answer = await self._triton_get(f"/v2/models/{quote(name, safe='')}/config")
+        if answer is not None:
+            status, body = answer
+            try:
+                return json.loads(body) if status == 200 else None
+            except ValueError:
+                return None
+        # Triton's HTTP endpoint does not answer; it may be turned off (--allow-http=false): over gRPC.
+        return await self.collector.run_in_background(self._grpc_model_config, name)
+
+    def _grpc_model_config(self, name: str) -> Any:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            client = grpcclient.InferenceServerClient(self.settings.triton.grpc)
+            try:
+                return client.get_model_config(name, as_json=True, client_timeout=2.0).get("config")
+            finally:
+                client.close()
+        except InferenceServerException as exc:
+            return _NO_ANSWER if exc.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED") else None
 
     async def _watch_models(self) -> None:
         while True:
