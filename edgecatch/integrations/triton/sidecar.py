@@ -429,7 +429,10 @@ class Sidecar:
         from aiohttp import web
 
         self.collector.start()
-        await self._check_models()  # before the first call: which models are decoupled
+        try:  # before the first call: which models are decoupled (a Triton that hangs does not hold the start)
+            await asyncio.wait_for(self._check_models(), 5.0)
+        except asyncio.TimeoutError:
+            pass
         self._model_watch = asyncio.get_running_loop().create_task(self._watch_models())
         host, port = split_address(self.settings.listen.http)
         self.ports["http"] = await self.http.start(host, port)
