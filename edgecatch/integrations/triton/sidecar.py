@@ -21,6 +21,7 @@ import json
 import logging
 import signal
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +124,7 @@ class _Observer:
         self._on_drop = on_drop
         self._after_batch = after_batch
         self._on_error = on_error
-        self._errors_logged: set[type] = set()
+        self._errors_logged: set[tuple] = set()
         self._delay = delay
         self._slice = slice_seconds
         self._max = max_pending
@@ -166,10 +167,13 @@ class _Observer:
                 self._failed(exc)
 
     def _failed(self, exc: Exception) -> None:
-        """A bug in reading along: counted every time, its traceback logged once per kind."""
+        """A bug in reading along: counted every time, its traceback logged once per kind and place
+        (another bug of the same exception type elsewhere is logged too)."""
         self._on_error(exc)
-        if type(exc) not in self._errors_logged:
-            self._errors_logged.add(type(exc))
+        frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        kind = (type(exc), *((frame[0].filename, frame[0].lineno) if frame else ()))
+        if kind not in self._errors_logged and len(self._errors_logged) < 100:
+            self._errors_logged.add(kind)
             log.error("observing an exchange failed (counted as unparsed 'internal'; logged once)", exc_info=exc)
 
 
