@@ -23,6 +23,7 @@ import re
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from hashlib import blake2b
@@ -127,6 +128,7 @@ class Collector:
         self._thread: threading.Thread | None = None
         self._peer_server: asyncio.AbstractServer | None = None
         self._unparsed_logged: set[tuple[str, str | None]] = set()
+        self._internal_logged: set[tuple] = set()
         # Ids whose verdict came with its own prediction and image (the prediction forgotten): one
         # verdict each, as for remembered ones; bounded like the recall buffer's item count.
         self._late_verdicts: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -202,6 +204,18 @@ class Collector:
             where = f" of model {model}" if model else ""
             # The detail quotes what a client sent (tensor names, datatypes): one line, escaped.
             log.warning("edgecatch could not read a prediction%s (%s): %s", where, reason, _one_line(detail))
+
+    def count_internal_error(self, exc: BaseException, what: str) -> None:
+        """A bug met while reading a prediction: counted as unparsed "internal" every time, its
+        traceback logged once per exception type and place (a bug hit by every call must not flood
+        the log, nor hide another bug of the same type elsewhere)."""
+        self.metrics.unparsed.labels("internal").inc()
+        frames = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ is not None else []
+        kind = (type(exc), *((frames[0].filename, frames[0].lineno) if frames else ()))
+        if kind not in self._internal_logged and len(self._internal_logged) < 100:
+            self._internal_logged.add(kind)
+            log.error("%s failed (counted as edgecatch_unparsed_total{reason=\"internal\"}; logged once per "
+                      "place)", what, exc_info=exc)
 
     def _class_label(self, model: str, name: str) -> str:
         seen = self._classes.get(model)

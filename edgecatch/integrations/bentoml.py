@@ -258,9 +258,8 @@ class _Watcher:
                 if ctx is not None:
                     ctx.response.headers[INFERENCE_ID_HEADER] = inference_id
                 self._watch_one(collector, inference_id, image, output)
-        except Exception:  # edgecatch must never fail a prediction
-            collector.count_unparsed("internal")
-            log.exception("edgecatch could not observe a call of model %s", self.model)
+        except Exception as exc:  # edgecatch must never fail a prediction
+            collector.count_internal_error(exc, f"observing a call of model {self.model}")
 
     def _watch_batch(self, collector: Collector, images: Any, outputs: Any) -> None:
         images, outputs = list(images), list(outputs)

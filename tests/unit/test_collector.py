@@ -489,3 +489,27 @@ def test_an_unreadable_prediction_is_logged_once_on_one_line(make_collector, cap
     assert "\n" not in record.getMessage() and "\x1b" not in record.getMessage()
     assert "tensor X\\x0aERROR forged line\\x1b[31m" in record.getMessage()
     assert collector.registry.get_sample_value("edgecatch_unparsed_total", {"reason": "http_tensor"}) == 3
+
+
+def test_a_bug_reading_predictions_is_counted_each_time_and_logged_once_per_place(make_collector, caplog):
+    """A bug hit by every call must not flood the log, nor hide another bug of the same type."""
+    import logging
+
+    collector = make_collector()
+
+    def reads_a_list(index):
+        return [][index]
+
+    def reads_a_string(index):
+        return ""[index]  # an IndexError too, in another place
+
+    with caplog.at_level(logging.ERROR, logger="edgecatch"):
+        for read in (reads_a_list, reads_a_list, reads_a_string, reads_a_list):
+            try:
+                read(1)
+            except IndexError as exc:
+                collector.count_internal_error(exc, "observing a call")
+    logged = [r for r in caplog.records if r.getMessage().startswith("observing a call failed")]
+    assert [record.exc_info[1].__traceback__.tb_next.tb_frame.f_code.co_name for record in logged] == \
+        ["reads_a_list", "reads_a_string"]
+    assert collector.registry.get_sample_value("edgecatch_unparsed_total", {"reason": "internal"}) == 4

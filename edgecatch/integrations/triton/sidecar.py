@@ -21,7 +21,6 @@ import json
 import logging
 import signal
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -124,7 +123,6 @@ class _Observer:
         self._on_drop = on_drop
         self._after_batch = after_batch
         self._on_error = on_error
-        self._errors_logged: set[tuple] = set()
         self._delay = delay
         self._slice = slice_seconds
         self._max = max_pending
@@ -151,7 +149,7 @@ class _Observer:
             try:
                 observe(exchange)
             except Exception as exc:
-                self._failed(exc)
+                self._on_error(exc)  # a bug in reading along
             if pending and clock() > end:
                 asyncio.get_running_loop().call_soon(self._drain)  # let sockets in, then go on
                 return
@@ -164,17 +162,7 @@ class _Observer:
             try:
                 observe(exchange)
             except Exception as exc:
-                self._failed(exc)
-
-    def _failed(self, exc: Exception) -> None:
-        """A bug in reading along: counted every time, its traceback logged once per kind and place
-        (another bug of the same exception type elsewhere is logged too)."""
-        self._on_error(exc)
-        frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-        kind = (type(exc), *((frame[0].filename, frame[0].lineno) if frame else ()))
-        if kind not in self._errors_logged and len(self._errors_logged) < 100:
-            self._errors_logged.add(kind)
-            log.error("observing an exchange failed (counted as unparsed 'internal'; logged once)", exc_info=exc)
+                self._on_error(exc)  # a bug in reading along
 
 
 class Sidecar:
@@ -197,7 +185,7 @@ class Sidecar:
             collector.serve_models(reading.model or name for name, reading in self.settings.models.items())
         self.observer = _Observer(lambda: collector.count_unparsed("observation_backlog"),
                                   after_batch=collector.evaluate_silent_events,
-                                  on_error=lambda exc: collector.count_unparsed("internal"))
+                                  on_error=lambda exc: collector.count_internal_error(exc, "observing an exchange"))
         upstream_host, upstream_port = split_address(self.settings.triton.http)
         self.http = HttpProxy(
             upstream_host, upstream_port,
