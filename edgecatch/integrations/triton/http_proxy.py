@@ -5,8 +5,8 @@ costs time on every request and risks changing what Triton receives or the clien
 proxy parses only to find message boundaries (httptools, the C parser uvicorn uses), forwards the
 request line and headers as received, relays Triton's response bytes as they arrive on a pool of
 persistent upstream connections, and splices exactly one header, `X-Edgecatch-Inference-Id`, into
-the successful (200) responses of observed inference calls. `on_exchange` receives each observed pair once the
-response has been written, and must only queue it: observation never delays an answer.
+the successful (200) responses of observed inference calls. `on_exchange` receives each observed
+pair once the response has been written, and must only queue it: observation never delays an answer.
 
 Differences from a raw TCP relay, all hop-by-hop: `Expect: 100-continue` is answered here (and not
 forwarded), a chunked request body is forwarded with a Content-Length, the answer to a HEAD ends

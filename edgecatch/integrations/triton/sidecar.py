@@ -241,7 +241,14 @@ class Sidecar:
             self._model_check = asyncio.get_running_loop().create_task(self._check_models())
 
     async def _check_models(self) -> None:
-        """Read each configured model's transaction policy from Triton's model config."""
+        """Read each configured model's transaction policy from Triton's model config. Never raises:
+        a model whose config could not be read stays as it was known (or unknown: not observed)."""
+        try:
+            await self._read_model_configs()
+        except Exception:
+            log.exception("reading Triton's model configs failed")
+
+    async def _read_model_configs(self) -> None:
         for name in self.settings.models:
             config = await self._model_config(name)
             if config is _NO_ANSWER:
@@ -286,10 +293,7 @@ class Sidecar:
     async def _watch_models(self) -> None:
         while True:
             await asyncio.sleep(_MODEL_CHECK_SECONDS)
-            try:
-                await self._check_models()
-            except Exception:  # never let the watch end: unknown models are then simply not observed
-                log.exception("reading Triton's model configs failed")
+            await self._check_models()
 
     async def _triton_get(self, path: str) -> tuple[int, bytes] | None:
         """(status, body) of `GET path` on Triton's HTTP endpoint; None when it does not answer.
