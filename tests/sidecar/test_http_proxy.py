@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 from aiohttp import web
@@ -298,6 +299,28 @@ def test_a_refused_request_waiting_for_100_continue_behind_another_is_not_told_t
 
 UPGRADE_OFFER = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
 SLOW = b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def test_a_client_still_sending_a_refused_body_reads_its_413(harness):
+    """A chunked body found too large mid-way is refused while the client is still sending it: the
+    proxy must keep reading (and dropping) what comes after its 413, or the kernel answers the late
+    bytes with a reset and the client never reads why it was refused."""
+    import socket
+
+    def go():
+        with socket.create_connection(("127.0.0.1", harness.port)) as sock:
+            sock.sendall(b"POST /v2/models/other/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"110000\r\n" + b"C" * 0x108000)
+            time.sleep(0.3)  # the proxy has refused it by now, and goes on reading what comes
+            for _ in range(8):  # more than the socket buffers hold: a closed socket would reset it
+                sock.sendall(b"C" * 0x40000)
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+            return out
+
+    out = harness.loop.run_until_complete(harness.loop.run_in_executor(None, go))
+    assert out.startswith(b"HTTP/1.1 413 ")
 
 
 def test_framing_found_by_fuzzing_stays_in_step(harness):

@@ -392,7 +392,8 @@ class _Client(asyncio.Protocol):
         self._paused = False  # the client does not read its answers fast enough
         self._reading = True
         self._held = False  # Triton does not read this client's request fast enough
-        self._eof = False  # no more requests are read (the client half-closed, or the sidecar stops)
+        self._eof = False  # no more requests are read (the client half-closed, the sidecar stops, or a refusal)
+        self._client_eof = False  # the client half-closed: nothing more will come from it
         # A request with an upgrade offer whose body is still to come, and the framing of that body
         # (see data_received); `_synthetic` while a new parser reads the head made up for it.
         self._resume: tuple[_Request, bytes] | None = None
@@ -424,6 +425,7 @@ class _Client(asyncio.Protocol):
             self._linger.cancel()
 
     def eof_received(self) -> bool:
+        self._client_eof = True
         if self._closing:  # the client is done too: the staged close is over
             self.transport.close()
             return True
@@ -508,8 +510,8 @@ class _Client(asyncio.Protocol):
         self._closing = True
         self._queue.clear()
         transport = self.transport
-        if self._eof or not transport.can_write_eof():
-            transport.close()
+        if self._client_eof or not transport.can_write_eof():
+            transport.close()  # nothing more comes from the client: no unread bytes to cause a reset
             return
         # A staged close (RFC 9112, 9.6): end our side, then read and drop what the client still
         # sends, for a moment: closed at once, unread bytes would make the kernel send a reset, and
