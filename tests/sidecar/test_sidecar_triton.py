@@ -613,6 +613,8 @@ def test_a_decoupled_model_is_relayed_not_observed(triton, tmp_path, images):
         models_stored = {entry["model"] for entry in manifest(dataset).values()}
         assert models_stored == {"trivial-detector"}
         assert "model decoupled_detector is decoupled" in process.log_tail(200_000)
+        health = json.loads(request(process.http, "GET", "/edgecatch/healthz").body)
+        assert health["models"] == {TRIVIAL: "observed", PEOPLE: "observed", DECOUPLED: "decoupled"}
     finally:
         process.stop()
         request(triton.http, "POST", f"/v2/repository/models/{DECOUPLED}/unload", b"{}")
@@ -923,6 +925,7 @@ def test_metrics_and_health(triton, sidecar):
     for address in (admin, sidecar.http):
         health = request(address, "GET", "/edgecatch/healthz")
         assert health.status == 200 and json.loads(health.body)["upstream"] == "ready"
+        assert json.loads(health.body)["models"] == {TRIVIAL: "observed", PEOPLE: "observed"}
     assert request(sidecar.http, "GET", "/edgecatch/nothing").status == 404
 
 

@@ -416,7 +416,10 @@ class Sidecar:
     async def health(self) -> tuple[int, dict[str, Any]]:
         answer = await self._triton_get("/v2/health/ready")
         upstream = "unreachable" if answer is None else "ready" if answer[0] == 200 else "not_ready"
-        report = {"upstream": upstream, **self.collector.health()}
+        # Per configured model, whether its calls are read along (see _observed): why nothing is observed.
+        models = {name: {None: "config_unknown", True: "decoupled", False: "observed"}[self._decoupled.get(name)]
+                  for name in self.settings.models}
+        report = {"upstream": upstream, "models": models, **self.collector.health()}
         return (200 if upstream == "ready" else 503), report
 
     # -- lifecycle -----------------------------------------------------------------------------
