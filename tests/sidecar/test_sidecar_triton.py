@@ -568,19 +568,70 @@ class TritonPythonModel:
 """
 
 
+PLAIN_MODEL = """\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            size = len(pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)[0])
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("BOXES", np.array([[[0, 0, size, 10]]], dtype=np.float32)),
+                pb_utils.Tensor("SCORES", np.array([[0.5]], dtype=np.float32)),
+                pb_utils.Tensor("CLASSES", np.array([[0]], dtype=np.int32))]))
+        return responses
+"""
+
+
+def _load_probe_model(address: str, decoupled: bool) -> None:
+    """Load DECOUPLED into Triton (through `address`) with its config and model.py given in the call."""
+    config = {**DECOUPLED_CONFIG, "model_transaction_policy": {"decoupled": decoupled}}
+    code = DECOUPLED_MODEL if decoupled else PLAIN_MODEL
+    load = {"parameters": {"config": json.dumps(config), "file:1/model.py": base64.b64encode(code.encode()).decode()}}
+    answer = request(address, "POST", f"/v2/repository/models/{DECOUPLED}/load", json.dumps(load).encode())
+    assert answer.status == 200, answer.body
+
+
+def _unload_probe_model(triton) -> None:
+    """Unload DECOUPLED and wait until Triton is ready again (it is not while a model unloads)."""
+    request(triton.http, "POST", f"/v2/repository/models/{DECOUPLED}/unload", b"{}")
+    deadline = time.monotonic() + 30
+    while request(triton.http, "GET", "/v2/health/ready").status != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _stream_widths(address: str, model: str, images: list[bytes]) -> list[int]:
+    """The width of the first box of each answer of one ModelStreamInfer stream, in arrival order."""
+    import queue
+
+    client = tritonclient_grpc.InferenceServerClient(address)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    for image in images:
+        tensor = tritonclient_grpc.InferInput("IMAGE", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[image]], dtype=object))
+        client.async_stream_infer(model, [tensor])
+    widths = []
+    for _ in images:
+        result, error = results.get(timeout=30)
+        assert error is None
+        widths.append(int(result.as_numpy("BOXES")[0, 0, 2]))
+    client.stop_stream()
+    client.close()
+    return widths
+
+
 def test_a_decoupled_model_is_relayed_not_observed(triton, tmp_path, images):
     """A decoupled model answers a stream's requests in any order, with nothing in its answers (empty
     request ids) that says which request each belongs to: paired by position, a prediction would be
     stored with another request's image. Triton's model config says the model is decoupled, and the
     sidecar relays its calls without reading them."""
-    import queue
-
     from tests.sidecar.processes import example_models
 
-    load = {"parameters": {"config": json.dumps(DECOUPLED_CONFIG),
-                           "file:1/model.py": base64.b64encode(DECOUPLED_MODEL.encode()).decode()}}
-    answer = request(triton.http, "POST", f"/v2/repository/models/{DECOUPLED}/load", json.dumps(load).encode())
-    assert answer.status == 200, answer.body
+    _load_probe_model(triton.http, decoupled=True)
     policies = tmp_path / "policies.yaml"
     policies.write_text(POLICY)
     dataset = tmp_path / "dataset"
@@ -590,20 +641,7 @@ def test_a_decoupled_model_is_relayed_not_observed(triton, tmp_path, images):
                              models=models)
     process.start()
     try:
-        client = tritonclient_grpc.InferenceServerClient(process.grpc)
-        results: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: results.put((result, error)))
-        for image in images[:3]:
-            tensor = tritonclient_grpc.InferInput("IMAGE", [1, 1], "BYTES")
-            tensor.set_data_from_numpy(np.array([[image]], dtype=object))
-            client.async_stream_infer(DECOUPLED, [tensor])
-        widths = []
-        for _ in range(3):
-            result, error = results.get(timeout=30)
-            assert error is None
-            widths.append(int(result.as_numpy("BOXES")[0, 0, 2]))
-        client.stop_stream()
-        client.close()
+        widths = _stream_widths(process.grpc, DECOUPLED, images[:3])
         sent = [len(image) for image in images[:3]]
         assert widths != sent and sorted(widths) == sorted(sent)  # the first request was answered last
         assert metric(process, "edgecatch_unparsed_total", reason="decoupled_model") >= 3
@@ -617,7 +655,48 @@ def test_a_decoupled_model_is_relayed_not_observed(triton, tmp_path, images):
         assert health["models"] == {TRIVIAL: "observed", PEOPLE: "observed", DECOUPLED: "decoupled"}
     finally:
         process.stop()
-        request(triton.http, "POST", f"/v2/repository/models/{DECOUPLED}/unload", b"{}")
+        _unload_probe_model(triton)
+    assert "Traceback" not in process.log_tail(200_000), process.log_tail()
+
+
+def test_a_model_reloaded_as_decoupled_through_the_sidecar_is_not_observed_from_then_on(triton, tmp_path, images):
+    """A load through the sidecar may bring a model back decoupled: no model is read along again
+    before its config has been read again (without it, the 5 s check left a window in which the
+    stream below was paired by position)."""
+    from tests.sidecar.processes import example_models
+
+    _load_probe_model(triton.http, decoupled=False)
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(POLICY)
+    dataset = tmp_path / "dataset"
+    models = example_models()
+    models[DECOUPLED] = {**models[TRIVIAL], "model": "decoupled-detector"}
+    process = SidecarProcess(tmp_path, triton, policies=policies, sink={"type": "directory", "path": str(dataset)},
+                             models=models)
+    process.start()
+
+    def stored() -> int:
+        return sum(entry["model"] == "decoupled-detector" for entry in manifest(dataset).values())
+
+    try:
+        assert _stream_widths(process.grpc, DECOUPLED, images[:1]) == [len(images[0])]
+        deadline = time.monotonic() + 30
+        while stored() < 1 and time.monotonic() < deadline:  # observed while not decoupled
+            time.sleep(0.05)
+        assert stored() == 1
+        _load_probe_model(process.http, decoupled=True)  # through the sidecar
+        widths = _stream_widths(process.grpc, DECOUPLED, images[:3])
+        assert widths != [len(image) for image in images[:3]]  # the first request was answered last
+        # HTTP asks too (Triton refuses /infer on a decoupled model: nothing to observe either way).
+        request(process.http, "POST", f"/v2/models/{DECOUPLED}/infer", *binary_infer_body(images[:1]))
+        not_read = sum(metric(process, "edgecatch_unparsed_total", reason=reason)
+                       for reason in ("decoupled_model", "model_config_unknown"))
+        assert not_read >= 4
+        time.sleep(0.5)
+        assert stored() == 1
+    finally:
+        process.stop()
+        _unload_probe_model(triton)
     assert "Traceback" not in process.log_tail(200_000), process.log_tail()
 
 
@@ -639,6 +718,8 @@ def test_a_triton_serving_only_grpc_is_still_observed(triton, tmp_path, images):
         assert answer.code == grpc.StatusCode.OK and ID_PATTERN.match(answer.inference_id)
         wait_for_samples(dataset, [answer.inference_id])
         assert metric(process, "edgecatch_unparsed_total", reason="model_config_unknown") == 0
+        health = request(f"127.0.0.1:{process.admin_port}", "GET", "/edgecatch/healthz")
+        assert health.status == 200 and json.loads(health.body)["upstream"] == "ready", health.body
     finally:
         process.stop()
     assert "Traceback" not in process.log_tail(200_000), process.log_tail()

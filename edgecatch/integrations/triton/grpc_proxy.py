@@ -76,6 +76,8 @@ _MIN_MAX_FRAME_SIZE = 16384  # every peer accepts frames this large; an id that 
 _HEADER = struct.Struct(">HBBBI")  # length (3 bytes, split 2+1), type, flags, stream id (31 bits)
 _ID_LITERAL = b"\x00" + bytes([len(INFERENCE_ID_KEY)]) + INFERENCE_ID_KEY.encode()
 _UNARY, _STREAM = 1, 2
+_REPOSITORY_CHANGES = frozenset((b"/inference.GRPCInferenceService/RepositoryModelLoad",
+                                 b"/inference.GRPCInferenceService/RepositoryModelUnload"))
 _MAX_UNANSWERED = 64  # stream requests whose bytes are kept while they wait for their responses
 _MAX_AWAITED = 4096  # stream requests awaiting a response at all (past this the stream is not observed)
 
@@ -233,6 +235,7 @@ class GrpcProxy:
         new_inference_id: Callable[[], str],
         on_exchange: Callable[[GrpcExchange], None],
         on_unparsed: Callable[[str], None],
+        on_repository_change: Callable[[], None] = lambda: None,
         connect_timeout: float = 10.0,
         max_message_bytes: int = 256 * 1024 * 1024,
     ) -> None:
@@ -242,6 +245,7 @@ class GrpcProxy:
         self.new_inference_id = new_inference_id
         self.on_exchange = on_exchange
         self.on_unparsed = on_unparsed
+        self.on_repository_change = on_repository_change  # a model load/unload call passes through
         self.connect_timeout = connect_timeout
         self.max_message_bytes = max_message_bytes  # larger messages are relayed, not read along
         self._server: asyncio.base_events.Server | None = None
@@ -287,6 +291,7 @@ class _Downstream(asyncio.Protocol):
         self.blind = False
         self.streams: dict[int, _Stream] = {}
         self.active: set[int] = set()  # every call in progress (not only observed ones), for stopping
+        self.repository_calls: set[int] = set()  # model loads and unloads in progress
         self.finishing = False  # stopping: close once no call is in progress
 
     # -- connection ------------------------------------------------------------------------------
@@ -468,7 +473,10 @@ class _Downstream(asyncio.Protocol):
                 self._paths[block] = (self._table_version, path)
         if stream_id in self.streams:
             return
-        if path == MODEL_INFER:
+        if path in _REPOSITORY_CHANGES:  # reported when sent and when answered (the model is loaded then)
+            self.repository_calls.add(stream_id)
+            self.proxy.on_repository_change()
+        elif path == MODEL_INFER:
             self.streams[stream_id] = _Stream(_UNARY, self.proxy.max_message_bytes)
         elif path == MODEL_STREAM_INFER:
             stream = self.streams[stream_id] = _Stream(_STREAM, self.proxy.max_message_bytes)
@@ -639,9 +647,13 @@ class _Upstream(asyncio.Protocol):
                         self._finish(stream_id & 0x7FFFFFFF, stream)
                 if flags & _END_STREAM:  # the trailers: the call is over
                     active.discard(stream_id & 0x7FFFFFFF)
+                    if self.downstream.repository_calls and (stream_id & 0x7FFFFFFF) in self.downstream.repository_calls:
+                        self.downstream.repository_calls.discard(stream_id & 0x7FFFFFFF)
+                        self.downstream.proxy.on_repository_change()
             elif kind == _RST_STREAM:
                 streams.pop(stream_id & 0x7FFFFFFF, None)
                 active.discard(stream_id & 0x7FFFFFFF)
+                self.downstream.repository_calls.discard(stream_id & 0x7FFFFFFF)
             elif stream is not None and kind == _DATA:
                 self._response_data(stream, _unpadded(buffer, offset + 9, end))
             offset = end

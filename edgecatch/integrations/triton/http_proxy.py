@@ -138,6 +138,7 @@ class HttpProxy:
         new_inference_id: Callable[[], str],
         on_exchange: Callable[[Exchange], None],
         on_unparsed: Callable[[str], None] = lambda reason: None,
+        on_repository_change: Callable[[], None] = lambda: None,
         local_handler: LocalHandler | None = None,
         local_precheck: LocalPrecheck | None = None,
         max_request_bytes: int = 256 * 1024 * 1024,
@@ -150,6 +151,7 @@ class HttpProxy:
         self.new_inference_id = new_inference_id
         self.on_exchange = on_exchange
         self.on_unparsed = on_unparsed
+        self.on_repository_change = on_repository_change  # a model load/unload call passes through
         self.local_handler = local_handler
         self.local_precheck = local_precheck
         self.max_request_bytes = max_request_bytes
@@ -157,7 +159,7 @@ class HttpProxy:
         self.upstream_timeout = upstream_timeout
         self._idle: deque[_Upstream] = deque()
         self._server: asyncio.base_events.Server | None = None
-        self._observed_cache: dict[bytes, tuple[str, bool]] = {}
+        self._names: dict[bytes, str] = {}  # model names as they appear in URLs, decoded
         self._busy: set[_Upstream] = set()  # exchanges in progress, watched for the timeout
         self._clients: set[_Client] = set()
         self._watchdog: asyncio.TimerHandle | None = None
@@ -186,16 +188,14 @@ class HttpProxy:
             self._idle.popleft().transport.close()
 
     def _model(self, raw: bytes) -> tuple[str, bool]:
-        """(model name, observed?) for a model name as it appears in the URL; remembered per name."""
-        known = self._observed_cache.get(raw)
-        if known is not None:
-            observed = known[1] or self.observed_models(known[0])  # counts unconfigured models each time
-            return known[0], observed
-        name = unquote_to_bytes(raw).decode("utf-8", "replace")
-        observed = self.observed_models(name)
-        if len(self._observed_cache) < 1024:  # names come from clients: never grow without bound
-            self._observed_cache[raw] = (name, observed)
-        return name, observed
+        """(model name, observed?) for a model name as it appears in the URL. Whether it is observed
+        is asked each time (it changes: a model reloaded as decoupled); the decoded name is kept."""
+        name = self._names.get(raw)
+        if name is None:
+            name = unquote_to_bytes(raw).decode("utf-8", "replace")
+            if len(self._names) < 1024:  # names come from clients: never grow without bound
+                self._names[raw] = name
+        return name, self.observed_models(name)
 
     def _idle_upstream(self) -> _Upstream | None:
         while self._idle:
@@ -215,7 +215,7 @@ class HttpProxy:
 class _Pending:
     """A request on its way to Triton: what is needed to send it, retry it once, and observe it."""
 
-    __slots__ = ("request", "message", "inject", "observe_as", "inference_id", "body", "reused")
+    __slots__ = ("request", "message", "inject", "observe_as", "inference_id", "body", "reused", "repository")
 
     def __init__(self, request: _Request, message: list[bytes], inject: bytes, observe_as: tuple[str, str] | None,
                  inference_id: str, body: bytes) -> None:
@@ -226,6 +226,7 @@ class _Pending:
         self.inference_id = inference_id
         self.body = body
         self.reused = False
+        self.repository = False  # a model load or unload: reported when sent and when answered
 
 
 class _Upstream(asyncio.Protocol):
@@ -394,6 +395,7 @@ class _Client(asyncio.Protocol):
         self._held = False  # Triton does not read this client's request fast enough
         self._eof = False  # no more requests are read (the client half-closed, the sidecar stops, or a refusal)
         self._client_eof = False  # the client half-closed: nothing more will come from it
+        self._refused = False  # a request was refused (400, 413) and the client may still be sending it
         # A request with an upgrade offer whose body is still to come, and the framing of that body
         # (see data_received); `_synthetic` while a new parser reads the head made up for it.
         self._resume: tuple[_Request, bytes] | None = None
@@ -504,14 +506,17 @@ class _Client(asyncio.Protocol):
             self._close()
             return
         self._failure = _response_bytes(status, body, keep_alive=False)
+        self._refused = True
         self.finish()
 
     def _close(self) -> None:
         self._closing = True
         self._queue.clear()
         transport = self.transport
-        if self._client_eof or not transport.can_write_eof():
-            transport.close()  # nothing more comes from the client: no unread bytes to cause a reset
+        if self._client_eof or (self._eof and not self._refused) or not transport.can_write_eof():
+            # Nothing more comes from the client, or the sidecar stops (reading no more, with no
+            # request refused half-read): closed at once.
+            transport.close()
             return
         # A staged close (RFC 9112, 9.6): end our side, then read and drop what the client still
         # sends, for a moment: closed at once, unread bytes would make the kernel send a reset, and
@@ -651,7 +656,11 @@ class _Client(asyncio.Protocol):
         observe_as: tuple[str, str] | None = None
         inference_id = ""
         inject = b""
+        repository = False
         if request.method == b"POST":
+            repository = path.startswith(b"/v2/repository/models/")  # a model load or unload
+            if repository:
+                self.proxy.on_repository_change()
             match = _INFER_PATH.match(path)
             if match is not None:
                 model, observed = self.proxy._model(match.group(1))
@@ -663,6 +672,7 @@ class _Client(asyncio.Protocol):
                     inject = b"%s: %s\r\n" % (INFERENCE_ID_HEADER, inference_id.encode())
         pending = _Pending(request, [_request_head(request, len(body)), body], inject, observe_as, inference_id,
                            body)
+        pending.repository = repository
         self._busy = True
         self._send(pending)
 
@@ -704,6 +714,8 @@ class _Client(asyncio.Protocol):
         self.answered_request(request)
 
     def answered(self, pending: _Pending) -> None:
+        if pending.repository:  # Triton answers a load once the model is loaded: its config may be new
+            self.proxy.on_repository_change()
         self.answered_request(pending.request)
 
     def answered_request(self, request: _Request) -> None:

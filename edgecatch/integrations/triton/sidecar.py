@@ -44,6 +44,7 @@ log = logging.getLogger("edgecatch.sidecar")
 #: How often Triton's config of each configured model is read again (it can be reloaded as another).
 _MODEL_CHECK_SECONDS = 5.0
 _NO_ANSWER = object()  # Triton did not answer a question about a model
+_REFUSED = object()  # Triton's model-config API is restricted (--http-restricted-api / --grpc-restricted-protocol)
 
 
 def _address(value: str) -> str:
@@ -193,6 +194,7 @@ class Sidecar:
             new_inference_id=collector.new_inference_id,
             on_exchange=self.observer.handler(self.observe_http),
             on_unparsed=collector.count_unparsed,
+            on_repository_change=self._forget_model_configs,
             local_handler=self._local,
             local_precheck=self._local_precheck,
             max_request_bytes=self.settings.max_request_bytes,
@@ -204,6 +206,7 @@ class Sidecar:
             new_inference_id=collector.new_inference_id,
             on_exchange=self.observer.handler(self.observe_grpc),
             on_unparsed=collector.count_unparsed,
+            on_repository_change=self._forget_model_configs,
             max_message_bytes=self.settings.max_request_bytes,
         )
         self._admin_runner = None
@@ -213,6 +216,8 @@ class Sidecar:
         self._model_watch: asyncio.Task | None = None
         self._model_check: asyncio.Task | None = None
         self._last_model_check = float("-inf")
+        self._configs_forgotten = 0
+        self._refused_logged: set[str] = set()
 
     def _observed(self, model: str) -> bool:
         """Whether the calls of `model` are read along: configured, and known not to be decoupled.
@@ -234,6 +239,13 @@ class Sidecar:
             self._check_models_soon()
         return False
 
+    def _forget_model_configs(self) -> None:
+        """A model load or unload call is on its way to Triton: any model may come back with another
+        config (decoupled, say), so none is read along until its config has been read again (asked
+        for by the next call of each; Triton answers a load only once the model is loaded)."""
+        self._decoupled.clear()
+        self._configs_forgotten += 1  # a check in flight now would bring back what was true before
+
     def _check_models_soon(self) -> None:
         now = time.monotonic()
         if now - self._last_model_check >= 1.0 and (self._model_check is None or self._model_check.done()):
@@ -249,12 +261,23 @@ class Sidecar:
             log.exception("reading Triton's model configs failed")
 
     async def _read_model_configs(self) -> None:
+        forgotten = self._configs_forgotten
         for name in self.settings.models:
             config = await self._model_config(name)
+            if self._configs_forgotten != forgotten:
+                return  # a model load or unload went by meanwhile: this answer may be stale
             if config is _NO_ANSWER:
                 return  # Triton does not answer: what is known stays known
             decoupled = None
-            if isinstance(config, dict):
+            if config is _REFUSED:
+                # Nothing to go by: read along as before this check existed, and say so once.
+                if name not in self._refused_logged:
+                    self._refused_logged.add(name)
+                    log.warning("Triton does not give its config of model %s to the sidecar (a restricted API): "
+                                "whether it is decoupled cannot be checked, and it is observed as if it is not. A "
+                                "decoupled model must not be configured for observation.", name)
+                decoupled = False
+            elif isinstance(config, dict):
                 policy = config.get("model_transaction_policy")
                 decoupled = bool(policy.get("decoupled", False)) if isinstance(policy, dict) else False
             if decoupled is None:  # not loaded (or an answer not understood): not read along until it is
@@ -266,16 +289,19 @@ class Sidecar:
             self._decoupled[name] = decoupled
 
     async def _model_config(self, name: str) -> Any:
-        """Triton's config of `name` as JSON; None when Triton has no such model loaded; _NO_ANSWER."""
+        """Triton's config of `name` as JSON; None when Triton has no such model loaded; _NO_ANSWER;
+        _REFUSED when Triton does not give it."""
         answer = await self._triton_get(f"/v2/models/{quote(name, safe='')}/config")
-        if answer is not None:
+        if answer is not None and answer[0] not in (401, 403):
             status, body = answer
             try:
                 return json.loads(body) if status == 200 else None
             except ValueError:
                 return None
-        # Triton's HTTP endpoint does not answer; it may be turned off (--allow-http=false): over gRPC.
-        return await self.collector.run_in_background(self._grpc_model_config, name)
+        # Triton's HTTP endpoint does not answer (it may be off: --allow-http=false) or keeps the
+        # config to itself: over gRPC.
+        config = await self.collector.run_in_background(self._grpc_model_config, name)
+        return _REFUSED if config is _NO_ANSWER and answer is not None else config
 
     def _grpc_model_config(self, name: str) -> Any:
         import tritonclient.grpc as grpcclient
@@ -288,7 +314,22 @@ class Sidecar:
             finally:
                 client.close()
         except InferenceServerException as exc:
+            if exc.status() in ("StatusCode.PERMISSION_DENIED", "StatusCode.UNAUTHENTICATED"):
+                return _REFUSED
             return _NO_ANSWER if exc.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED") else None
+
+    def _grpc_ready(self) -> str:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            client = grpcclient.InferenceServerClient(self.settings.triton.grpc)
+            try:
+                return "ready" if client.is_server_ready(client_timeout=2.0) else "not_ready"
+            finally:
+                client.close()
+        except InferenceServerException:
+            return "unreachable"
 
     async def _watch_models(self) -> None:
         while True:
@@ -311,7 +352,7 @@ class Sidecar:
             return None
         head, _, body = answer.partition(b"\r\n\r\n")
         try:
-            return int(head.split(b" ", 2)[1]), body
+            return int(head.split(b"\r\n", 1)[0].split(b" ", 2)[1]), body
         except (IndexError, ValueError):
             return None
 
@@ -415,7 +456,10 @@ class Sidecar:
 
     async def health(self) -> tuple[int, dict[str, Any]]:
         answer = await self._triton_get("/v2/health/ready")
-        upstream = "unreachable" if answer is None else "ready" if answer[0] == 200 else "not_ready"
+        if answer is None:  # Triton may serve gRPC only (--allow-http=false)
+            upstream = await self.collector.run_in_background(self._grpc_ready)
+        else:
+            upstream = "ready" if answer[0] == 200 else "not_ready"
         # Per configured model, whether its calls are read along (see _observed): why nothing is observed.
         models = {name: {None: "config_unknown", True: "decoupled", False: "observed"}[self._decoupled.get(name)]
                   for name in self.settings.models}
@@ -540,11 +584,11 @@ async def serve(config_path: str | Path) -> None:
     config, base = load_sidecar_config(config_path)
     collector = Collector.from_config(config)
     sidecar = Sidecar(config, collector, base)
-    await sidecar.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the start, which may wait for Triton
         loop.add_signal_handler(sig, stop.set)
+    await sidecar.start()
     await stop.wait()
     log.info("edgecatch sidecar: stopping")
     await sidecar.stop()
