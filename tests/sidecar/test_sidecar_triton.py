@@ -603,6 +603,21 @@ def _unload_probe_model(triton) -> None:
         time.sleep(0.05)
 
 
+def _sidecar_observing_the_probe_model(triton, tmp_path: Path, decoupled: bool) -> tuple[SidecarProcess, Path]:
+    """DECOUPLED loaded (decoupled or not), and a sidecar started that is configured to observe it."""
+    from tests.sidecar.processes import example_models
+
+    _load_probe_model(triton.http, decoupled=decoupled)
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(POLICY)
+    dataset = tmp_path / "dataset"
+    models = example_models()
+    models[DECOUPLED] = {**models[TRIVIAL], "model": "decoupled-detector"}
+    process = SidecarProcess(tmp_path, triton, policies=policies, sink={"type": "directory", "path": str(dataset)},
+                             models=models)
+    return process.start(), dataset
+
+
 def _stream_widths(address: str, model: str, images: list[bytes]) -> list[int]:
     """The width of the first box of each answer of one ModelStreamInfer stream, in arrival order."""
     import queue
@@ -629,17 +644,7 @@ def test_a_decoupled_model_is_relayed_not_observed(triton, tmp_path, images):
     request ids) that says which request each belongs to: paired by position, a prediction would be
     stored with another request's image. Triton's model config says the model is decoupled, and the
     sidecar relays its calls without reading them."""
-    from tests.sidecar.processes import example_models
-
-    _load_probe_model(triton.http, decoupled=True)
-    policies = tmp_path / "policies.yaml"
-    policies.write_text(POLICY)
-    dataset = tmp_path / "dataset"
-    models = example_models()
-    models[DECOUPLED] = {**models[TRIVIAL], "model": "decoupled-detector"}
-    process = SidecarProcess(tmp_path, triton, policies=policies, sink={"type": "directory", "path": str(dataset)},
-                             models=models)
-    process.start()
+    process, dataset = _sidecar_observing_the_probe_model(triton, tmp_path, decoupled=True)
     try:
         widths = _stream_widths(process.grpc, DECOUPLED, images[:3])
         sent = [len(image) for image in images[:3]]
@@ -663,17 +668,7 @@ def test_a_model_reloaded_as_decoupled_through_the_sidecar_is_not_observed_from_
     """A load through the sidecar may bring a model back decoupled: no model is read along again
     before its config has been read again (without it, the 5 s check left a window in which the
     stream below was paired by position)."""
-    from tests.sidecar.processes import example_models
-
-    _load_probe_model(triton.http, decoupled=False)
-    policies = tmp_path / "policies.yaml"
-    policies.write_text(POLICY)
-    dataset = tmp_path / "dataset"
-    models = example_models()
-    models[DECOUPLED] = {**models[TRIVIAL], "model": "decoupled-detector"}
-    process = SidecarProcess(tmp_path, triton, policies=policies, sink={"type": "directory", "path": str(dataset)},
-                             models=models)
-    process.start()
+    process, dataset = _sidecar_observing_the_probe_model(triton, tmp_path, decoupled=False)
 
     def stored() -> int:
         return sum(entry["model"] == "decoupled-detector" for entry in manifest(dataset).values())
