@@ -402,3 +402,24 @@ def test_only_answers_edgecatch_can_read_are_observed_and_get_an_id():
         assert [e.response for e in relay.exchanges] == [answers[0], answers[2]]
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("reset_by", ["client", "triton"])
+def test_a_model_load_reset_before_its_answer_still_ends_as_a_repository_change(reset_by):
+    """A load the client cancels may still go on in Triton: the configs are forgotten again at the
+    reset, as at an answer, and the call is not remembered for the rest of the connection."""
+    async def run():
+        changes = []
+        relay = Relay(set(), on_repository_change=lambda: changes.append(1))
+        path = "/inference.GRPCInferenceService/RepositoryModelLoad"
+        block = hpack.Encoder().encode([(":method", "POST"), (":path", path)])
+        relay.client_sends(PREFACE + frame(HEADERS, END_HEADERS, 1, block), 1000)
+        assert changes == [1] and relay.down.repository_calls == {1}
+        reset = frame(0x3, 0, 1, struct.pack(">I", 8))  # RST_STREAM, CANCEL
+        if reset_by == "client":
+            relay.client_sends(reset, 1000)
+        else:
+            relay.triton_sends(frame(SETTINGS, 0, 0, b"") + reset, 1000)
+        assert changes == [1, 1] and relay.down.repository_calls == set()
+
+    asyncio.run(run())

@@ -434,6 +434,7 @@ class _Downstream(asyncio.Protocol):
             elif kind == _RST_STREAM:
                 streams.pop(stream_id, None)
                 self.active.discard(stream_id)
+                self._repository_call_over(stream_id)
                 self.close_if_done()
             offset = end
         self._buffer = buffer[offset:] if offset < size else b""
@@ -481,6 +482,13 @@ class _Downstream(asyncio.Protocol):
         elif path == MODEL_STREAM_INFER:
             stream = self.streams[stream_id] = _Stream(_STREAM, self.proxy.max_message_bytes)
             stream.inference_id = self.proxy.new_inference_id()
+
+    def _repository_call_over(self, stream_id: int) -> None:
+        """A model load or unload was answered or reset by either side: Triton may have (re)loaded it
+        by now, so the model configs read before are forgotten once more."""
+        if stream_id in self.repository_calls:
+            self.repository_calls.discard(stream_id)
+            self.proxy.on_repository_change()
 
     def _request_data(self, stream_id: int, stream: _Stream, payload: bytes) -> None:
         if stream.kind == _STREAM:
@@ -647,13 +655,12 @@ class _Upstream(asyncio.Protocol):
                         self._finish(stream_id & 0x7FFFFFFF, stream)
                 if flags & _END_STREAM:  # the trailers: the call is over
                     active.discard(stream_id & 0x7FFFFFFF)
-                    if self.downstream.repository_calls and (stream_id & 0x7FFFFFFF) in self.downstream.repository_calls:
-                        self.downstream.repository_calls.discard(stream_id & 0x7FFFFFFF)
-                        self.downstream.proxy.on_repository_change()
+                    if self.downstream.repository_calls:
+                        self.downstream._repository_call_over(stream_id & 0x7FFFFFFF)
             elif kind == _RST_STREAM:
                 streams.pop(stream_id & 0x7FFFFFFF, None)
                 active.discard(stream_id & 0x7FFFFFFF)
-                self.downstream.repository_calls.discard(stream_id & 0x7FFFFFFF)
+                self.downstream._repository_call_over(stream_id & 0x7FFFFFFF)
             elif stream is not None and kind == _DATA:
                 self._response_data(stream, _unpadded(buffer, offset + 9, end))
             offset = end
