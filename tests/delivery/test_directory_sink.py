@@ -33,7 +33,7 @@ def test_detection_yolo_layout(tmp_path):
         assert deliver(sink, record, jpeg()) == "delivered"
     root = tmp_path / "ds"
     data = yaml.safe_load((root / "data.yaml").read_text())
-    assert data["names"] == {0: "person", 16: "dog", 17: "cat"}
+    assert data["names"] == {0: "person", **{i: f"edgecatch-unused-{i}" for i in range(1, 16)}, 16: "dog", 17: "cat"}
     assert (root / data["train"]).is_dir() and data["path"] == str(root.resolve())
     assert (root / "labels" / f"{first.sample_id}.txt").read_text().splitlines() == [
         "0 0.500000 0.500000 0.500000 0.500000", "16 0.500000 0.500000 1.000000 1.000000"]
@@ -44,6 +44,31 @@ def test_detection_yolo_layout(tmp_path):
     assert [line["sample_id"] for line in lines] == [first.sample_id, second.sample_id, empty.sample_id]
     assert lines[0]["image"] == f"images/{first.image_name}" and lines[0]["policy"] == "low-confidence"
     assert lines[0]["detections"][1] == {"class": "dog", "class_id": 16, "confidence": 0.3, "box": [0, 0, 200, 100]}
+
+
+def test_data_yaml_names_every_index_a_trainer_counts(tmp_path):
+    """YOLO trainers take the class count from `names` and refuse an index at or above it: a model
+    whose first sampled class has id 1 must not give `names: {1: face}`."""
+    sink = DirectorySink(DirectorySinkConfig(path=tmp_path / "ds"))
+    root = tmp_path / "ds"
+    records = []
+
+    def names_after(*detections):
+        records.append(make_record(width=200, height=100, detections=detections))
+        assert deliver(sink, records[-1], jpeg()) == "delivered"
+        names = yaml.safe_load((root / "data.yaml").read_text())["names"]
+        assert sorted(names) == list(range(len(names)))  # 0..n-1, each named
+        return names
+
+    assert names_after(SampleDetection("face", 1, 0.5, (0, 0, 10, 10))) == {0: "edgecatch-unused-0", 1: "face"}
+    # The class the placeholder stood for takes its own id, in this process and in another one.
+    other = DirectorySink(DirectorySinkConfig(path=root))
+    records.append(make_record(detections=(SampleDetection("person", 0, 0.5, (0, 0, 10, 10)),)))
+    assert deliver(other, records[-1], jpeg()) == "delivered"
+    assert names_after(SampleDetection("face", 1, 0.4, (0, 0, 10, 10))) == {0: "person", 1: "face"}
+    # An id far out of range does not make a data.yaml of millions of placeholders.
+    assert names_after(SampleDetection("rare", 10**9, 0.5, (0, 0, 10, 10))) == {0: "person", 1: "face", 2: "rare"}
+    assert [(root / "labels" / f"{r.sample_id}.txt").read_text().split()[0] for r in records] == ["1", "0", "1", "2"]
 
 
 def test_classification_folders_and_unsafe_class_names(tmp_path):

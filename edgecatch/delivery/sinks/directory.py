@@ -2,6 +2,8 @@
 
     <path>/
       data.yaml              YOLO dataset file: path, train/val = images, names: {index: class}
+                             (the model's class id where free; unused indices below the
+                             highest are named `edgecatch-unused-<index>`: trainers need 0..n-1)
       images/<id>.jpg        detection samples
       labels/<id>.txt        one line per box: `index cx cy w h`, normalised to [0, 1]
       classes/<class>/<id>.jpg   classification samples, one folder per (top) class
@@ -36,6 +38,8 @@ from . import OnImageStored, Outcome
 __all__ = ["DirectorySink", "safe_name"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: A model's class ids above this are not used as dataset indices (every index below is named).
+_MAX_MODEL_INDEX = 65535
 MANIFEST_TAIL_BYTES = 1024 * 1024
 
 
@@ -137,18 +141,21 @@ class DirectorySink:
         if data_yaml.exists():  # another process may have added classes
             loaded = yaml.safe_load(data_yaml.read_text()) or {}
             names = {int(k): str(v) for k, v in (loaded.get("names") or {}).items()}
-        self._classes = {name: index for index, name in names.items()}
+        self._classes = {name: index for index, name in names.items() if name != _unused(index)}
         changed = False
         for name, model_id in wanted.items():
             if name in self._classes:
                 continue
-            index = model_id if model_id >= 0 and model_id not in names else (max(names, default=-1) + 1)
-            while index in names:
-                index += 1
+            # The model's own id where it is free (a placeholder is), so labels read like the model's.
+            free = 0 <= model_id <= _MAX_MODEL_INDEX and names.get(model_id, _unused(model_id)) == _unused(model_id)
+            index = model_id if free else max(names, default=-1) + 1
             names[index] = name
             self._classes[name] = index
             changed = True
         if changed or not data_yaml.exists():
+            # Trainers (YOLO's among them) need the indices 0..n-1 all named: gaps get placeholders.
+            for index in range(max(names, default=-1) + 1):
+                names.setdefault(index, _unused(index))
             document = {"path": str(self.root.resolve()), "train": "images", "val": "images",
                         "names": dict(sorted(names.items()))}
             self._put(data_yaml, yaml.safe_dump(document, sort_keys=False, allow_unicode=True).encode())
@@ -168,3 +175,8 @@ class DirectorySink:
         finally:
             os.close(fd)
         return "delivered"
+
+
+def _unused(index: int) -> str:
+    """The name data.yaml gives an index no class of the samples has (yet)."""
+    return f"edgecatch-unused-{index}"
