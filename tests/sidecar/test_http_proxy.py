@@ -14,6 +14,7 @@ import time
 import pytest
 from aiohttp import web
 
+from edgecatch.integrations.triton import http_proxy
 from edgecatch.integrations.triton.http_proxy import Exchange, HttpProxy, LocalResponse
 
 
@@ -570,3 +571,43 @@ def test_closing_answers_the_requests_in_progress_then_closes(harness):
     answer, idle = harness.loop.run_until_complete(go())
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"echo":1}')
     assert idle == b""
+
+
+def test_idle_connections_to_triton_are_closed_so_a_stopping_triton_need_not_wait(monkeypatch):
+    """Triton's stop waits for every open HTTP connection (30 s by default): the sidecar's pool must
+    not hold idle ones for long, and still reuse a connection between requests close together."""
+    monkeypatch.setattr(http_proxy, "_UPSTREAM_IDLE_SECONDS", 0.3)
+
+    async def run():
+        opened, ended = [], []
+
+        async def triton(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            opened.append(time.monotonic())
+            try:
+                while True:
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            except asyncio.IncompleteReadError:  # the proxy closed the connection
+                ended.append(time.monotonic())
+
+        server = await asyncio.start_server(triton, "127.0.0.1", 0)
+        proxy = HttpProxy("127.0.0.1", server.sockets[0].getsockname()[1], observed_models=lambda m: False,
+                          new_inference_id=lambda: "x", on_exchange=lambda e: None, upstream_timeout=0.4)
+        port = await proxy.start("127.0.0.1", 0)
+        for _ in range(3):  # one client connection each, 50 ms apart: one connection to Triton
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+            writer.close()
+            await asyncio.sleep(0.05)
+        assert len(opened) == 1 and ended == []
+        for _ in range(50):
+            if ended:
+                break
+            await asyncio.sleep(0.1)
+        await proxy.close()
+        server.close()
+        return opened, ended
+
+    opened, ended = asyncio.run(run())
+    assert len(ended) == 1 and ended[0] - opened[0] < 2.0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ _INFER_PATH = re.compile(rb"^/v2/models/([^/?]+)(?:/versions/([^/?]+))?/(infer|g
 _ABSOLUTE_URL = re.compile(rb"^https?://[^/?#]*", re.IGNORECASE)
 _MAX_QUEUED = 2  # complete requests of a connection waiting behind the one with Triton
 _LINGER_SECONDS = 2.0  # a closing connection drops what the client still sends for this long
+# Idle pooled connections to Triton are closed after this long: a stopping Triton waits (up to its
+# --exit-timeout-secs, 30 s by default) for every open HTTP connection, idle ones included.
+_UPSTREAM_IDLE_SECONDS = 2.0
 
 
 @dataclass(slots=True)
@@ -176,6 +180,11 @@ class HttpProxy:
         now = loop.time()
         for upstream in [u for u in self._busy if u.deadline <= now]:
             upstream.timed_out()
+        idle, stale = self._idle, time.monotonic() - _UPSTREAM_IDLE_SECONDS
+        while idle and idle[0].idle_since <= stale:  # the oldest first: the pool is used last in, first out
+            upstream = idle.popleft()
+            upstream.closed = True
+            upstream.transport.close()
         self._watchdog = loop.call_later(min(1.0, self.upstream_timeout / 4), self._watch)
 
     async def close(self, grace: float = 0.0) -> None:
@@ -209,6 +218,7 @@ class HttpProxy:
             upstream.closed = True
             upstream.transport.close()
         else:
+            upstream.idle_since = time.monotonic()
             self._idle.append(upstream)
 
 
@@ -249,6 +259,7 @@ class _Upstream(asyncio.Protocol):
         self._head_only = False
         self._head_done = False  # a HEAD answer's head has been parsed: the exchange ends there
         self.deadline = 0.0  # loop time after which the exchange in progress times out
+        self.idle_since = 0.0  # time.monotonic() when it went back to the pool
         self.status = 0
         self.sent_anything = False
 
