@@ -6,13 +6,17 @@
 Each image is posted to /detect (multipart, as curl -F would); the inference id from the
 `X-Edgecatch-Inference-Id` header is kept, a fraction of the predictions get a verdict through
 /edgecatch/feedback, and at the end the dataset's manifest says which predictions were collected and
-which policy chose each, with its reason.
+which policy chose each, with its reason. When the service requires a feedback token
+(`EDGECATCH_FEEDBACK_TOKEN` set for it, as bento_service/edgecatch.yaml reads it), set the same
+variable for this script: it is sent as the bearer token (an environment variable, not a flag, so
+that it does not show in the process list).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -69,6 +73,8 @@ def main() -> int:
     sent: list[tuple[str, str, int]] = []  # (image, inference id, detections)
     verdicts: dict[str, str] = {}
     failures = 0
+    token = os.environ.get("EDGECATCH_FEEDBACK_TOKEN")
+    feedback_headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=args.url, timeout=60) as client:
         jobs = [name for _ in range(args.repeat) for name in images]
         for name in tqdm(jobs, desc="sending", unit="img"):
@@ -81,7 +87,8 @@ def main() -> int:
             sent.append((name, inference_id, len(response.json())))
             if inference_id and rng.random() < args.feedback:
                 verdict = rng.choice(["incorrect", "correct"])
-                answer = client.post("/edgecatch/feedback", json={"inference_id": inference_id, "verdict": verdict})
+                answer = client.post("/edgecatch/feedback", json={"inference_id": inference_id, "verdict": verdict},
+                                     headers=feedback_headers)
                 if answer.status_code == 202:
                     verdicts[inference_id] = verdict
                 else:
