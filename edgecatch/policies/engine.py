@@ -157,6 +157,8 @@ class PolicySet:
             reason = self._holds(policy.checks, observation)
             if reason is None:
                 continue
+            if verdict is not None:  # the verdict is the first reason a feedback policy holds
+                reason = f"verdict {verdict}" if not policy.checks else f"verdict {verdict}; {reason}"
             if matched is None:
                 matched = []
             matched.append(policy.name)

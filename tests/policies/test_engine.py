@@ -265,6 +265,16 @@ def test_feedback_policies_match_only_feedback_events_with_their_verdict(verdict
     assert p.evaluate(observation, now=T0).matched == expected
 
 
+def test_a_feedback_policy_gives_the_verdict_as_its_reason():
+    """The manifest's `reason` says why a sample was collected: "always" said nothing."""
+    p = policy_set(FEEDBACK)
+    cat = det("cat", 0.3)
+    wrong = p.evaluate(Observation(model="m", detections=(cat,), feedback=Verdict.INCORRECT), now=T0)
+    right = p.evaluate(Observation(model="m", detections=(cat,), feedback=Verdict.CORRECT), now=T0)
+    assert wrong.reasons == {"wrong": "verdict incorrect"}
+    assert right.reasons["right-cats"].startswith("verdict correct; ") and "cat" in right.reasons["right-cats"]
+
+
 def test_feedback_policy_conditions_apply_to_the_recalled_prediction():
     p = policy_set(FEEDBACK)
     dog = Observation(model="m", detections=(det("dog", 0.9),), feedback=Verdict.CORRECT)
