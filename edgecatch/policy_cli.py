@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from edgecatch.cli import CommandError
+from edgecatch.config import load_config
 from edgecatch.policies import ConfigError, Policy, PolicyDocument, load_policy_file
 from edgecatch.policies.engine import describe_conditions
 from edgecatch.replay import RecordError, ReplayResult, decision_record, read_records, replay
@@ -16,7 +19,8 @@ __all__ = ["register", "json_schema"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    validate = subparsers.add_parser("validate", help="check policy files; exit 1 on any error")
+    validate = subparsers.add_parser(
+        "validate", help="check policy files (or a service's config file and its policy file); exit 1 on any error")
     validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
     validate.set_defaults(handler=run_validate)
 
@@ -39,6 +43,10 @@ def run_validate(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         try:
+            if _is_service_config(path):
+                config = load_config(path)
+                print(f"{path}: OK, service config; its policy file:")
+                path = config.policies
             document = load_policy_file(path)
         except ConfigError as exc:
             failed = True
@@ -50,6 +58,19 @@ def run_validate(args: argparse.Namespace) -> int:
         for policy in document.policies:
             print(f"  - {summarize(policy)}")
     return 1 if failed else 0
+
+
+# Keys only a service's config file has (a policy file has `version`, and `policies` as a list).
+_CONFIG_KEYS = frozenset(("enabled", "delivery", "recall", "feedback", "metrics", "sidecar"))
+
+
+def _is_service_config(path: Path) -> bool:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # the policy loader reports it, with the line
+    return isinstance(data, dict) and "version" not in data and (
+        isinstance(data.get("policies"), str) or not _CONFIG_KEYS.isdisjoint(data))
 
 
 def summarize(policy: Policy) -> str:

@@ -36,6 +36,27 @@ def test_validate_errors_exit_1_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_validate_a_service_config_checks_it_and_its_policy_file(tmp_path):
+    """Ops point `validate` at the file they edit: a service's config is checked as one (not as a
+    policy file, which gave nine "unknown key" errors), and so is the policy file it names."""
+    for config in (REPO / "bento_service" / "edgecatch.yaml", REPO / "sidecar" / "edgecatch.yaml"):
+        result = edgecatch("validate", str(config))
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == f"{config}: OK, service config; its policy file:"
+        assert lines[1].endswith("policies/default.yaml: OK, 7 policies, global limits 300/hour, 2000/day")
+    wrong_key = tmp_path / "edgecatch.yaml"
+    wrong_key.write_text("enabled: true\npolicies: p.yaml\ndelivery:\n  spool_dir: s\n  sinc: {type: directory}\n")
+    result = edgecatch("validate", str(wrong_key))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"{wrong_key}:5: delivery.sinc"), result.stderr
+    (tmp_path / "p.yaml").write_text("version: 1\npolicies:\n  - name: a\n    sample: 2\n    random: 0.1\n")
+    wrong_key.write_text("enabled: true\npolicies: p.yaml\n")
+    result = edgecatch("validate", str(wrong_key))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{tmp_path / 'p.yaml'}:4: policies[0].sample: Input should be less than or equal to 1"
+
+
 def test_replay_reports_per_policy_and_is_repeatable_with_a_seed(tmp_path):
     out = tmp_path / "decisions.jsonl"
     args = ["replay", str(EXAMPLES / "packages.yaml"), str(EXAMPLES / "predictions.jsonl"), "--seed", "1"]
