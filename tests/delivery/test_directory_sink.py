@@ -66,9 +66,16 @@ def test_data_yaml_names_every_index_a_trainer_counts(tmp_path):
     records.append(make_record(detections=(SampleDetection("person", 0, 0.5, (0, 0, 10, 10)),)))
     assert deliver(other, records[-1], jpeg()) == "delivered"
     assert names_after(SampleDetection("face", 1, 0.4, (0, 0, 10, 10))) == {0: "person", 1: "face"}
+    # A dataset an earlier version left with gaps is completed by the first sample delivered into it.
+    (root / "data.yaml").write_text("path: x\ntrain: images\nval: images\nnames: {0: person, 1: face, 3: dog}\n")
+    sink = DirectorySink(DirectorySinkConfig(path=root))
+    assert names_after(SampleDetection("face", 1, 0.4, (0, 0, 10, 10))) == {
+        0: "person", 1: "face", 2: "edgecatch-unused-2", 3: "dog"}
     # An id far out of range does not make a data.yaml of millions of placeholders.
-    assert names_after(SampleDetection("rare", 10**9, 0.5, (0, 0, 10, 10))) == {0: "person", 1: "face", 2: "rare"}
-    assert [(root / "labels" / f"{r.sample_id}.txt").read_text().split()[0] for r in records] == ["1", "0", "1", "2"]
+    assert names_after(SampleDetection("rare", 10**9, 0.5, (0, 0, 10, 10))) == {
+        0: "person", 1: "face", 2: "edgecatch-unused-2", 3: "dog", 4: "rare"}
+    assert [(root / "labels" / f"{r.sample_id}.txt").read_text().split()[0] for r in records] == [
+        "1", "0", "1", "1", "4"]
 
 
 def test_classification_folders_and_unsafe_class_names(tmp_path):

@@ -152,8 +152,9 @@ class DirectorySink:
             names[index] = name
             self._classes[name] = index
             changed = True
-        if changed or not data_yaml.exists():
-            # Trainers (YOLO's among them) need the indices 0..n-1 all named: gaps get placeholders.
+        if changed or not data_yaml.exists() or len(names) <= max(names, default=-1):
+            # Trainers (YOLO's among them) need the indices 0..n-1 all named: gaps get placeholders
+            # (a dataset written by an earlier version may have them too).
             for index in range(max(names, default=-1) + 1):
                 names.setdefault(index, _unused(index))
             document = {"path": str(self.root.resolve()), "train": "images", "val": "images",
